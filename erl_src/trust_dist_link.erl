@@ -1,0 +1,254 @@
+%% @doc The processes of one distribution connection over trust_dist.
+%%
+%% Per link, all linked together:
+%% <ul>
+%% <li>the <b>supervisor</b> (spawned by `setup/accept_connection' with
+%%     `dist_util:net_ticker_spawn_options()'): runs the `dist_util' handshake over the
+%%     verified link, then becomes the ticker;</li>
+%% <li>the <b>controller</b>, registered with the VM as the distribution controller: after
+%%     the handshake it drains `dist_ctrl_get_data' into the NIF, stopping while the QUIC
+%%     send queue is above its high-water mark (the VM then makes senders wait, as for a
+%%     busy TCP port);</li>
+%% <li>the <b>input handler</b>: hands packet batches from the NIF to
+%%     `dist_ctrl_put_data' and returns credit, so the transport reads no more than the VM
+%%     takes.</li>
+%% </ul>
+%% By the time any of these exist, the peer has proven its key in TLS, shown a
+%% certificate from a trusted authority for that key and (when it dialled us) claimed a
+%% node name its certificate covers; see the net crate.
+-module(trust_dist_link).
+
+-export([setup/6, accept_connection/6]).
+-export([do_setup/7, do_accept/7, controller/2, input_handler/3]).
+
+-include_lib("kernel/include/net_address.hrl").
+-include_lib("kernel/include/dist.hrl").
+-include_lib("kernel/include/dist_util.hrl").
+
+%% What the f_* funs of #hs_data{} get as their "socket".
+-record(sock, {ctrl :: pid(), link :: reference(), info :: map()}).
+
+-define(SPAWN_OPTS, [link, {message_queue_data, off_heap}]).
+%% Packets drained from the VM per NIF call, and roughly how many bytes.
+-define(BATCH_PACKETS, 64).
+-define(BATCH_BYTES, 1024 * 1024).
+
+setup(Kernel, Node, Type, MyNode, LongOrShortNames, SetupTime) ->
+    spawn_opt(?MODULE, do_setup, [Kernel, Node, Type, MyNode, LongOrShortNames, SetupTime, self()],
+              dist_util:net_ticker_spawn_options()).
+
+accept_connection(Kernel, Acceptor, Link, MyNode, Allowed, SetupTime) ->
+    spawn_opt(?MODULE, do_accept, [Kernel, Acceptor, Link, MyNode, Allowed, SetupTime, self()],
+              dist_util:net_ticker_spawn_options()).
+
+%% @private
+do_setup(Kernel, Node, Type, MyNode, _LongOrShortNames, SetupTime, _Caller) ->
+    Timer = dist_util:start_timer(SetupTime),
+    case resolve(Node) of
+        {ok, Ip, Port} ->
+            dist_util:reset_timer(Timer),
+            Carrier = trust_dist_server:carrier(),
+            ok = trust_dist_nif:connect(Carrier, list_to_binary(inet:ntoa(Ip)), Port,
+                                        atom_to_binary(Node), self()),
+            receive
+                {trust_dist_connected, Link, Info} ->
+                    Sock = new_sock(Link, Info),
+                    HSData = (hs_data(Sock))#hs_data{kernel_pid = Kernel,
+                                                     other_node = Node,
+                                                     this_node = MyNode,
+                                                     timer = Timer,
+                                                     other_version = ?ERL_DIST_VER_HIGH,
+                                                     request_type = Type},
+                    dist_util:handshake_we_started(HSData);
+                {trust_dist_connect_failed, Why} ->
+                    logger:warning("trust_dist: connection to ~p refused: ~ts", [Node, Why],
+                                   #{domain => [trust_dist]}),
+                    ?shutdown2(Node, {trust_dist, Why})
+            end;
+        {error, Why} ->
+            logger:notice("trust_dist: cannot reach ~p: ~tp", [Node, Why], #{domain => [trust_dist]}),
+            ?shutdown2(Node, Why)
+    end.
+
+%% @private
+do_accept(Kernel, Acceptor, {trust_dist_link, Link, Info}, MyNode, Allowed, SetupTime, _Caller) ->
+    receive
+        {Acceptor, controller} ->
+            Timer = dist_util:start_timer(SetupTime),
+            Sock = new_sock(Link, Info),
+            HSData = (hs_data(Sock))#hs_data{kernel_pid = Kernel,
+                                             this_node = MyNode,
+                                             timer = Timer,
+                                             allowed = Allowed},
+            dist_util:handshake_other_started(HSData)
+    end.
+
+new_sock(Link, Info) ->
+    Ctrl = spawn_opt(?MODULE, controller, [self(), Link],
+                     [{priority, max} | ?SPAWN_OPTS]),
+    #sock{ctrl = Ctrl, link = Link, info = Info}.
+
+%% Where to find Node's UDP port: the static `ports' map, else the epmd module (which
+%% also honours -erl_epmd_port).
+resolve(Node) ->
+    [Name, Host] = string:split(atom_to_list(Node), "@"),
+    case resolve_host(Host) of
+        {ok, Ip} ->
+            #{ports := Ports} = trust_dist_server:config(),
+            case maps:find(Node, Ports) of
+                {ok, Port} -> {ok, Ip, Port};
+                error ->
+                    case (net_kernel:epmd_module()):port_please(Name, Ip) of
+                        {port, Port, _Version} -> {ok, Ip, Port};
+                        noport -> {error, {not_registered_in_epmd, Node}};
+                        Other -> {error, {epmd, Other}}
+                    end
+            end;
+        error ->
+            {error, {unresolvable_host, Host}}
+    end.
+
+resolve_host(Host) ->
+    case inet:getaddr(Host, inet) of
+        {ok, Ip} -> {ok, Ip};
+        {error, _} ->
+            case inet:getaddr(Host, inet6) of
+                {ok, Ip} -> {ok, Ip};
+                {error, _} -> error
+            end
+    end.
+
+hs_data(#sock{ctrl = Ctrl, link = Link, info = Info} = Sock) ->
+    #hs_data{socket = Sock,
+             this_flags = 0,
+             f_send = fun(_, Data) -> handshake_send(Link, Data) end,
+             f_recv = fun(_, _Len, Timeout) -> handshake_recv(Link, Timeout) end,
+             f_setopts_pre_nodeup = fun(_) -> ok end,
+             f_setopts_post_nodeup = fun(_) -> ok end,
+             f_getll = fun(_) -> {ok, Ctrl} end,
+             f_address = fun(_, Node) -> net_address(Node, Info) end,
+             f_handshake_complete = fun(_, Node, DHandle) -> handshake_complete(Sock, Node, DHandle) end,
+             mf_tick = fun(_) -> trust_dist_nif:tick(Link) end,
+             mf_getstat = fun(_) -> trust_dist_nif:getstat(Link) end,
+             mf_setopts = fun(_, _) -> {error, enotsup} end,
+             mf_getopts = fun(_, _) -> {error, enotsup} end}.
+
+handshake_send(Link, Data) ->
+    case trust_dist_nif:send(Link, [iolist_to_binary(Data)]) of
+        ok -> ok;
+        busy -> ok  % handshake messages are tiny; the queue drains on its own
+    end.
+
+%% dist_util wants one whole handshake message, as a list.
+handshake_recv(Link, Timeout) ->
+    ok = trust_dist_nif:recv_handshake(Link),
+    receive
+        {trust_dist_hs, Frame} -> {ok, binary_to_list(Frame)};
+        {trust_dist_closed, Why} -> {error, {closed, Why}}
+    after Timeout ->
+        {error, timeout}
+    end.
+
+net_address(Node, #{address := Address}) ->
+    [_, Host] = string:split(atom_to_list(Node), "@"),
+    #net_address{address = Address, host = Host, protocol = quic, family = inet}.
+
+%% Called in the supervisor once the VM knows the node: hand the data phase to the
+%% controller and the input handler, and wait until they own the link.
+handshake_complete(#sock{ctrl = Ctrl, link = Link, info = Info}, Node, DHandle) ->
+    Ref = erlang:monitor(process, Ctrl),
+    Ctrl ! {self(), Ref, {handshake_complete, Node, DHandle}},
+    receive
+        {Ref, ok} ->
+            erlang:demonitor(Ref, [flush]),
+            trust_dist_server:register_link(Node, Ctrl, Link, Info),
+            ok;
+        {'DOWN', Ref, process, Ctrl, Reason} ->
+            exit({controller_died, Reason})
+    end.
+
+%%% The controller (output side)
+
+%% @private
+controller(Supervisor, Link) ->
+    receive
+        {Supervisor, Ref, {handshake_complete, Node, DHandle}} ->
+            Input = spawn_opt(?MODULE, input_handler, [self(), DHandle, Link], ?SPAWN_OPTS),
+            ok = erlang:dist_ctrl_input_handler(DHandle, Input),
+            false = erlang:dist_ctrl_set_opt(DHandle, get_size, true),
+            ok = trust_dist_nif:set_owners(Link, Input, self()),
+            ok = trust_dist_nif:start_data(Link),
+            process_flag(priority, normal),
+            Supervisor ! {Ref, ok},
+            erlang:dist_ctrl_get_data_notification(DHandle),
+            output_loop(Node, DHandle, Link, false)
+    end.
+
+output_loop(Node, DHandle, Link, Busy) ->
+    receive
+        dist_data when not Busy ->
+            drain(Node, DHandle, Link);
+        dist_data ->
+            output_loop(Node, DHandle, Link, Busy);
+        {trust_dist_writable} ->
+            drain(Node, DHandle, Link);
+        {trust_dist_closed, Why} ->
+            closed(Node, Why)
+    end.
+
+drain(Node, DHandle, Link) ->
+    case collect(DHandle, ?BATCH_PACKETS, ?BATCH_BYTES, []) of
+        {[], _} ->
+            erlang:dist_ctrl_get_data_notification(DHandle),
+            output_loop(Node, DHandle, Link, false);
+        {Packets, More} ->
+            case trust_dist_nif:send(Link, Packets) of
+                ok when More -> drain(Node, DHandle, Link);
+                ok ->
+                    erlang:dist_ctrl_get_data_notification(DHandle),
+                    output_loop(Node, DHandle, Link, false);
+                busy ->
+                    %% The VM keeps what we have not taken and suspends senders once its
+                    %% buffer is full; {trust_dist_writable} resumes us.
+                    output_loop(Node, DHandle, Link, true)
+            end
+    end.
+
+%% Returns the packets in order and whether the VM may have more.
+collect(_DHandle, 0, _Bytes, Acc) ->
+    {lists:reverse(Acc), true};
+collect(_DHandle, _N, Bytes, Acc) when Bytes =< 0 ->
+    {lists:reverse(Acc), true};
+collect(DHandle, N, Bytes, Acc) ->
+    case erlang:dist_ctrl_get_data(DHandle) of
+        none -> {lists:reverse(Acc), false};
+        {Size, Data} -> collect(DHandle, N - 1, Bytes - Size, [Data | Acc])
+    end.
+
+closed(Node, Why) ->
+    logger:notice("trust_dist: link to ~p closed: ~ts", [Node, Why], #{domain => [trust_dist]}),
+    exit({shutdown, {trust_dist_closed, Why}}).
+
+%%% The input handler
+
+%% @private
+input_handler(Ctrl, DHandle, Link) ->
+    receive
+        {trust_dist_in, Packets} ->
+            Bytes = put_data(DHandle, Packets, 0),
+            ok = trust_dist_nif:ack(Link, Bytes),
+            input_handler(Ctrl, DHandle, Link);
+        {trust_dist_closed, Why} ->
+            exit({shutdown, {trust_dist_closed, Why}})
+    end.
+
+put_data(_DHandle, [], Bytes) ->
+    Bytes;
+put_data(DHandle, [Packet | Rest], Bytes) ->
+    try erlang:dist_ctrl_put_data(DHandle, Packet) of
+        _ -> put_data(DHandle, Rest, Bytes + byte_size(Packet))
+    catch
+        error:notsup ->
+            %% The connection is going down.
+            exit({shutdown, connection_closing})
+    end.

@@ -1,0 +1,311 @@
+//! QUIC transport of trust_dist.
+//!
+//! One [`Carrier`] per node owns a tokio runtime and a quinn endpoint, created at start and
+//! shut down on stop. Each peer connection becomes a [`Link`] once the peer has proven its
+//! key in TLS 1.3, presented a certificate from a trusted authority for that key and, on
+//! the accepting side, claimed a node name its certificate covers. Nothing of an
+//! unauthenticated peer is ever reported upward.
+//!
+//! This crate knows nothing of the BEAM: what happens to frames is told through the
+//! [`LinkEvents`] and [`Acceptor`] traits, implemented by the NIF.
+#![forbid(unsafe_code)]
+
+mod link;
+mod tls;
+
+pub use link::{Link, LinkEvents, LinkStats, PeerInfo};
+pub use tls::ALPN;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use trust_dist_proto::{Certificate, PublicKey, SecretKey, TierOrder};
+
+/// How loud a log line is; mapped onto `logger` levels by the NIF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Debug,
+    Info,
+    Notice,
+    Warning,
+    Error,
+}
+
+/// Where the transport's log lines go.
+pub trait Log: Send + Sync + 'static {
+    fn log(&self, level: Level, message: String);
+}
+
+/// Receives links accepted from peers that passed every identity check.
+pub trait Acceptor: Send + Sync + 'static {
+    type Events: LinkEvents;
+    /// Events of a connection that passed every check, created just before the link.
+    fn new_events(&self) -> Arc<Self::Events>;
+    /// `events` is what [`Acceptor::new_events`] returned for this link.
+    fn accepted(&self, link: Link, events: Arc<Self::Events>);
+}
+
+/// Who this node is and whom it trusts.
+pub struct NodeIdentity {
+    pub secret: SecretKey,
+    pub certificate: Certificate,
+    pub authorities: Vec<PublicKey>,
+    pub tiers: TierOrder,
+}
+
+impl NodeIdentity {
+    pub fn tier(&self) -> &str {
+        &self.certificate.body().tier
+    }
+}
+
+/// Transport tunables. The defaults are measured choices for loopback and LAN links.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Largest frame accepted from a peer. With fragmentation negotiated (full links) the
+    /// VM sends packets of about 64 KiB; a larger limit only matters for packets encoded
+    /// before the connection was up.
+    pub max_frame: u32,
+    /// Bytes handed to the VM and not yet acknowledged, per link, before reading pauses.
+    pub recv_credit: usize,
+    /// Bytes queued for QUIC above which the VM is told to stop sending.
+    pub send_high_water: usize,
+    /// Bytes queued below which a stopped sender is told to go on.
+    pub send_low_water: usize,
+    /// QUIC idle timeout: a silent peer is gone after this long.
+    pub idle_timeout: Duration,
+    /// Time allowed for QUIC, TLS and the certificate exchange.
+    pub handshake_timeout: Duration,
+    /// UDP socket send and receive buffer sizes asked of the kernel.
+    pub socket_buffer: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_frame: 128 * 1024 * 1024,
+            recv_credit: 8 * 1024 * 1024,
+            send_high_water: 8 * 1024 * 1024,
+            send_low_water: 2 * 1024 * 1024,
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(7),
+            socket_buffer: 4 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("cannot start the transport runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot bind UDP {addr}: {error} (port in use, or address not on this host)")]
+    Bind {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsSetupError),
+}
+
+/// The node's QUIC endpoint and the runtime it runs on.
+pub struct Carrier {
+    runtime: Option<tokio::runtime::Runtime>,
+    endpoint: quinn::Endpoint,
+    shared: Arc<CarrierShared>,
+}
+
+pub(crate) struct CarrierShared {
+    pub(crate) identity: NodeIdentity,
+    pub(crate) settings: Settings,
+    pub(crate) log: Arc<dyn Log>,
+    client_config: quinn::ClientConfig,
+    server_config: quinn::ServerConfig,
+}
+
+impl CarrierShared {
+    pub(crate) fn log(&self, level: Level, message: String) {
+        self.log.log(level, message);
+    }
+}
+
+impl Carrier {
+    /// Binds `bind` (port 0 picks one) and starts the runtime. The endpoint serves both
+    /// directions: it accepts once [`Carrier::start_accepting`] is called and connects
+    /// whenever asked.
+    pub fn start(
+        identity: NodeIdentity,
+        settings: Settings,
+        bind: SocketAddr,
+        log: Arc<dyn Log>,
+    ) -> Result<Carrier, StartError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("trust_dist")
+            .enable_all()
+            .build()
+            .map_err(StartError::Runtime)?;
+        let transport = Arc::new(transport_config(&settings));
+        let mut server =
+            quinn::ServerConfig::with_crypto(Arc::new(tls::server_config(&identity.secret)?));
+        server.transport_config(transport.clone());
+        server.migration(false);
+        let mut client = quinn::ClientConfig::new(Arc::new(tls::client_config(&identity.secret)?));
+        client.transport_config(transport);
+
+        let (socket, warning) = bind_socket(bind, settings.socket_buffer)
+            .map_err(|error| StartError::Bind { addr: bind, error })?;
+        if let Some(warning) = warning {
+            // Logged from the runtime: the caller may be a BEAM scheduler thread.
+            let log = log.clone();
+            runtime.spawn(async move { log.log(Level::Warning, warning) });
+        }
+        let endpoint = {
+            let _guard = runtime.enter();
+            // No server config until start_accepting: incoming connections are refused.
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .map_err(|error| StartError::Bind { addr: bind, error })?
+        };
+        let shared = Arc::new(CarrierShared {
+            identity,
+            settings,
+            log,
+            client_config: client,
+            server_config: server,
+        });
+        Ok(Carrier {
+            runtime: Some(runtime),
+            endpoint,
+            shared,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.shared.identity
+    }
+
+    fn handle(&self) -> Option<&tokio::runtime::Handle> {
+        self.runtime.as_ref().map(|r| r.handle())
+    }
+
+    /// Starts accepting connections; each verified one is handed to `acceptor`.
+    pub fn start_accepting<A: Acceptor>(&self, acceptor: Arc<A>) {
+        self.endpoint
+            .set_server_config(Some(self.shared.server_config.clone()));
+        let endpoint = self.endpoint.clone();
+        let shared = self.shared.clone();
+        if let Some(handle) = self.handle() {
+            handle.spawn(async move {
+                while let Some(incoming) = endpoint.accept().await {
+                    let shared = shared.clone();
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move { link::accept(shared, incoming, acceptor).await });
+                }
+            });
+        }
+    }
+
+    /// Connects to `addr`, expecting the peer to be `expected_node`. `done` is called once
+    /// with the verified link or the reason it failed.
+    pub fn connect(
+        &self,
+        addr: SocketAddr,
+        expected_node: String,
+        events: Arc<dyn LinkEvents>,
+        done: Box<dyn FnOnce(Result<Link, String>) + Send>,
+    ) {
+        let endpoint = self.endpoint.clone();
+        let shared = self.shared.clone();
+        let config = self.shared.client_config.clone();
+        match self.handle() {
+            Some(handle) => {
+                handle.spawn(async move {
+                    let result =
+                        link::connect(shared, endpoint, config, addr, expected_node, events).await;
+                    done(result);
+                });
+            }
+            None => done(Err("transport is shut down".into())),
+        }
+    }
+
+    /// Closes every connection and stops the runtime, waiting at most `timeout`.
+    pub fn shutdown(mut self, timeout: Duration) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"node stopping");
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(timeout);
+        }
+    }
+}
+
+impl Drop for Carrier {
+    fn drop(&mut self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"node stopping");
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn transport_config(settings: &Settings) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(4u32.into());
+    t.max_concurrent_uni_streams(4u32.into());
+    t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
+    t.receive_window(quinn::VarInt::from_u32(32 * 1024 * 1024));
+    t.send_window(32 * 1024 * 1024);
+    t.datagram_receive_buffer_size(None);
+    if let Ok(idle) = quinn::IdleTimeout::try_from(settings.idle_timeout) {
+        t.max_idle_timeout(Some(idle));
+    }
+    // Keep-alives well inside the idle timeout, so an idle but live link is not dropped
+    // by QUIC before net_ticktime would drop it.
+    t.keep_alive_interval(Some(settings.idle_timeout / 4));
+    t
+}
+
+fn bind_socket(
+    addr: SocketAddr,
+    buffer: usize,
+) -> std::io::Result<(std::net::UdpSocket, Option<String>)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // A wildcard IPv6 bind also serves IPv4 (mapped) peers where the host allows it.
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(buffer);
+    let _ = socket.set_send_buffer_size(buffer);
+    // Linux reports twice the value it grants; anything below the request means the
+    // kernel limit (net.core.rmem_max / wmem_max) capped it.
+    let recv = socket.recv_buffer_size().unwrap_or(0);
+    let send = socket.send_buffer_size().unwrap_or(0);
+    let warning = (recv < buffer || send < buffer).then(|| {
+        format!(
+            "UDP socket buffers are {recv}/{send} bytes (recv/send), below the {buffer} asked for; \
+             raise net.core.rmem_max and net.core.wmem_max for full throughput"
+        )
+    });
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok((socket.into(), warning))
+}
+
+/// Unix seconds now, for certificate validity checks.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

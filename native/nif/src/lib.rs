@@ -1,0 +1,576 @@
+//! rustler glue between the BEAM and `trust_dist_net`: resources for the carrier and its
+//! links, term conversion, and delivery of transport events to the owning Erlang
+//! processes. Every NIF here is short and never blocks a scheduler, except `stop`, which
+//! runs on a dirty I/O scheduler because it waits for the runtime to wind down.
+
+use bytes::Bytes;
+use rustler::{
+    Binary, Encoder, Env, LocalPid, NifResult, OwnedBinary, OwnedEnv, ResourceArc, Term,
+};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use trust_dist_net::{
+    Acceptor, Carrier, Level, Link, LinkEvents, Log, NodeIdentity, PeerInfo, Settings,
+};
+use trust_dist_proto::{Certificate, PublicKey, SecretKey, TierOrder};
+
+mod atoms {
+    rustler::atoms! {
+        ok, error, busy, closed,
+        trust_dist_hs, trust_dist_in, trust_dist_writable, trust_dist_closed,
+        trust_dist_accepted, trust_dist_connected, trust_dist_connect_failed, trust_dist_log,
+        debug, info, notice, warning,
+        certified_as, tier, fingerprint, mode, address, serial, not_after, issuer, full, restricted,
+        bytes_in, bytes_out, packets_in, packets_out, queued, ticks_in, ticks_out, dropped_in,
+        identity, certificate, authorities, tiers, listen, node_name, runtime,
+    }
+}
+
+pub struct CarrierResource {
+    carrier: Mutex<Option<Carrier>>,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for CarrierResource {}
+
+pub struct LinkResource {
+    link: Link,
+    events: Arc<BeamEvents>,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for LinkResource {}
+
+/// Sends transport events to the Erlang processes that own a link. During the
+/// distribution handshake both owners are the connection supervisor; afterwards input goes
+/// to the input handler and output events to the controller.
+struct BeamEvents {
+    owners: Mutex<(LocalPid, LocalPid)>,
+}
+
+impl BeamEvents {
+    fn new(owner: LocalPid) -> Self {
+        BeamEvents {
+            owners: Mutex::new((owner, owner)),
+        }
+    }
+    fn input(&self) -> Option<LocalPid> {
+        self.owners.lock().ok().map(|o| o.0)
+    }
+    fn output(&self) -> Option<LocalPid> {
+        self.owners.lock().ok().map(|o| o.1)
+    }
+}
+
+fn make_binary<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
+    match OwnedBinary::new(bytes.len()) {
+        Some(mut bin) => {
+            bin.as_mut_slice().copy_from_slice(bytes);
+            bin.release(env).encode(env)
+        }
+        // Allocation failure inside the VM: an empty binary makes the packet fail to
+        // decode and the link close, rather than crashing the VM from this thread.
+        None => "".encode(env),
+    }
+}
+
+fn send_to(pid: Option<LocalPid>, build: impl for<'a> FnOnce(Env<'a>) -> Term<'a>) -> bool {
+    let Some(pid) = pid else { return false };
+    let mut env = OwnedEnv::new();
+    env.send_and_clear(&pid, build).is_ok()
+}
+
+impl LinkEvents for BeamEvents {
+    fn handshake_frame(&self, frame: Vec<u8>) -> bool {
+        send_to(self.input(), |env| {
+            (atoms::trust_dist_hs(), make_binary(env, &frame)).encode(env)
+        })
+    }
+
+    fn packets(&self, packets: Vec<Vec<u8>>) -> bool {
+        send_to(self.input(), |env| {
+            let list: Vec<Term> = packets.iter().map(|p| make_binary(env, p)).collect();
+            (atoms::trust_dist_in(), list).encode(env)
+        })
+    }
+
+    fn writable(&self) -> bool {
+        send_to(self.output(), |env| {
+            (atoms::trust_dist_writable(),).encode(env)
+        })
+    }
+
+    fn closed(&self, reason: &str) {
+        let (input, output) = match self.owners.lock() {
+            Ok(o) => (o.0, o.1),
+            Err(_) => return,
+        };
+        send_to(Some(output), |env| {
+            (atoms::trust_dist_closed(), reason).encode(env)
+        });
+        if input != output {
+            send_to(Some(input), |env| {
+                (atoms::trust_dist_closed(), reason).encode(env)
+            });
+        }
+    }
+}
+
+struct BeamLog {
+    pid: LocalPid,
+}
+
+impl Log for BeamLog {
+    fn log(&self, level: Level, message: String) {
+        let level = match level {
+            Level::Debug => atoms::debug(),
+            Level::Info => atoms::info(),
+            Level::Notice => atoms::notice(),
+            Level::Warning => atoms::warning(),
+            Level::Error => atoms::error(),
+        };
+        send_to(Some(self.pid), |env| {
+            (atoms::trust_dist_log(), level, message).encode(env)
+        });
+    }
+}
+
+struct BeamAcceptor {
+    pid: LocalPid,
+}
+
+impl Acceptor for BeamAcceptor {
+    type Events = BeamEvents;
+
+    fn new_events(&self) -> Arc<BeamEvents> {
+        Arc::new(BeamEvents::new(self.pid))
+    }
+
+    fn accepted(&self, link: Link, events: Arc<BeamEvents>) {
+        let info = link.peer().clone();
+        let resource = ResourceArc::new(LinkResource { link, events });
+        send_to(Some(self.pid), |env| {
+            (
+                atoms::trust_dist_accepted(),
+                resource,
+                peer_info(env, &info),
+            )
+                .encode(env)
+        });
+    }
+}
+
+fn peer_info<'a>(env: Env<'a>, peer: &PeerInfo) -> Term<'a> {
+    let mode = match peer.mode {
+        trust_dist_proto::LinkMode::Full => atoms::full(),
+        trust_dist_proto::LinkMode::Restricted => atoms::restricted(),
+    };
+    let pairs: Vec<(Term, Term)> = vec![
+        (
+            atoms::certified_as().encode(env),
+            peer.certificate.node.encode(env),
+        ),
+        (atoms::tier().encode(env), peer.certificate.tier.encode(env)),
+        (
+            atoms::fingerprint().encode(env),
+            peer.fingerprint.encode(env),
+        ),
+        (atoms::mode().encode(env), mode.encode(env)),
+        (
+            atoms::address().encode(env),
+            address_term(env, peer.address),
+        ),
+        (
+            atoms::serial().encode(env),
+            peer.certificate.serial.encode(env),
+        ),
+        (
+            atoms::not_after().encode(env),
+            peer.certificate.not_after.encode(env),
+        ),
+        (
+            atoms::issuer().encode(env),
+            peer.certificate.issuer.to_string().encode(env),
+        ),
+    ];
+    Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
+}
+
+/// `{IpTuple, Port}` as inet uses it; IPv4-mapped IPv6 addresses become IPv4.
+fn address_term<'a>(env: Env<'a>, address: SocketAddr) -> Term<'a> {
+    let ip = match address.ip().to_canonical() {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            (a, b, c, d).encode(env)
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            rustler::types::tuple::make_tuple(
+                env,
+                &s.iter().map(|x| x.encode(env)).collect::<Vec<_>>(),
+            )
+        }
+    };
+    (ip, address.port()).encode(env)
+}
+
+type ConfigError = (rustler::Atom, String);
+
+fn read_text(key: rustler::Atom, path: &str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| (key, format!("cannot read {path}: {e}")))
+}
+
+/// Refuses a private key that other users could read, as ssh does.
+fn check_key_permissions(path: &str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| (atoms::identity(), format!("cannot read {path}: {e}")))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err((
+            atoms::identity(),
+            format!("private key {path} has mode {mode:o}; other users may read it. Run: chmod 600 {path}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Loads and cross-checks this node's key, certificate, authorities and tiers.
+fn load_identity(
+    key_path: &str,
+    cert_path: &str,
+    authority_paths: &[String],
+    tiers: Vec<String>,
+    node_name: &str,
+) -> Result<NodeIdentity, ConfigError> {
+    check_key_permissions(key_path)?;
+    let secret = SecretKey::from_pkcs8_pem(&read_text(atoms::identity(), key_path)?)
+        .map_err(|e| (atoms::identity(), format!("{key_path}: {e}")))?;
+    let certificate = Certificate::from_pem(&read_text(atoms::certificate(), cert_path)?)
+        .map_err(|e| (atoms::certificate(), format!("{cert_path}: {e}")))?;
+    let mut authorities = Vec::new();
+    for path in authority_paths {
+        let key = PublicKey::from_spki_pem(&read_text(atoms::authorities(), path)?)
+            .map_err(|e| (atoms::authorities(), format!("{path}: {e}")))?;
+        authorities.push(key);
+    }
+    if authorities.is_empty() {
+        return Err((
+            atoms::authorities(),
+            "no authority is configured; no peer could be verified".into(),
+        ));
+    }
+    let tiers = TierOrder::new(tiers).map_err(|e| (atoms::tiers(), e))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let body = certificate
+        .verify(&authorities, now)
+        .map_err(|e| (atoms::certificate(), format!("{cert_path}: {e}")))?;
+    if body.public_key != secret.public() {
+        return Err((
+            atoms::certificate(),
+            format!(
+                "{cert_path} is for key {}, but the identity key is {}; they do not belong together",
+                body.public_key.fingerprint(),
+                secret.public().fingerprint()
+            ),
+        ));
+    }
+    if !trust_dist_proto::cert::node_matches(&body.node, node_name) {
+        return Err((
+            atoms::certificate(),
+            format!(
+                "{cert_path} is for node {:?}, but this node is {node_name:?}",
+                body.node
+            ),
+        ));
+    }
+    if tiers.rank(&body.tier).is_none() {
+        return Err((
+            atoms::tiers(),
+            format!(
+                "this node's certificate tier {:?} is not in the configured tiers {:?}",
+                body.tier,
+                tiers.tiers()
+            ),
+        ));
+    }
+    Ok(NodeIdentity {
+        secret,
+        certificate,
+        authorities,
+        tiers,
+    })
+}
+
+#[derive(rustler::NifMap)]
+struct StartOptions {
+    identity: String,
+    certificate: String,
+    authorities: Vec<String>,
+    tiers: Vec<String>,
+    node_name: String,
+    ip: String,
+    port: u16,
+    log: LocalPid,
+    idle_timeout_ms: u64,
+    handshake_timeout_ms: u64,
+    max_frame: u32,
+}
+
+#[rustler::nif]
+fn start<'a>(env: Env<'a>, options: StartOptions) -> NifResult<Term<'a>> {
+    let error = |key: rustler::Atom, why: String| Ok((atoms::error(), (key, why)).encode(env));
+    let identity = match load_identity(
+        &options.identity,
+        &options.certificate,
+        &options.authorities,
+        options.tiers,
+        &options.node_name,
+    ) {
+        Ok(identity) => identity,
+        Err((key, why)) => return error(key, why),
+    };
+    let ip: IpAddr = match options.ip.parse() {
+        Ok(ip) => ip,
+        Err(_) => {
+            return error(
+                atoms::listen(),
+                format!("{:?} is not an IP address", options.ip),
+            )
+        }
+    };
+    let settings = Settings {
+        idle_timeout: Duration::from_millis(options.idle_timeout_ms),
+        handshake_timeout: Duration::from_millis(options.handshake_timeout_ms),
+        max_frame: options.max_frame,
+        ..Settings::default()
+    };
+    let log = Arc::new(BeamLog { pid: options.log });
+    match Carrier::start(identity, settings, SocketAddr::new(ip, options.port), log) {
+        Ok(carrier) => {
+            let resource = ResourceArc::new(CarrierResource {
+                carrier: Mutex::new(Some(carrier)),
+            });
+            Ok((atoms::ok(), resource).encode(env))
+        }
+        Err(e) => error(atoms::listen(), e.to_string()),
+    }
+}
+
+fn with_carrier<T>(resource: &CarrierResource, f: impl FnOnce(&Carrier) -> T) -> Option<T> {
+    resource
+        .carrier
+        .lock()
+        .ok()
+        .and_then(|guard| guard.as_ref().map(f))
+}
+
+#[rustler::nif]
+fn local_port(resource: ResourceArc<CarrierResource>) -> Option<u16> {
+    with_carrier(&resource, |c| c.local_addr().ok().map(|a| a.port())).flatten()
+}
+
+#[rustler::nif]
+fn local_tier(resource: ResourceArc<CarrierResource>) -> Option<String> {
+    with_carrier(&resource, |c| c.identity().tier().to_owned())
+}
+
+#[rustler::nif]
+fn accept(resource: ResourceArc<CarrierResource>, acceptor: LocalPid) -> rustler::Atom {
+    match with_carrier(&resource, |c| {
+        c.start_accepting(Arc::new(BeamAcceptor { pid: acceptor }))
+    }) {
+        Some(()) => atoms::ok(),
+        None => atoms::closed(),
+    }
+}
+
+#[rustler::nif]
+fn connect(
+    resource: ResourceArc<CarrierResource>,
+    ip: String,
+    port: u16,
+    node: String,
+    owner: LocalPid,
+) -> NifResult<rustler::Atom> {
+    let ip: IpAddr = ip.parse().map_err(|_| rustler::Error::BadArg)?;
+    let events = Arc::new(BeamEvents::new(owner));
+    let link_events = events.clone();
+    let done = Box::new(move |result: Result<Link, String>| match result {
+        Ok(link) => {
+            let info = link.peer().clone();
+            let resource = ResourceArc::new(LinkResource { link, events });
+            send_to(Some(owner), |env| {
+                (
+                    atoms::trust_dist_connected(),
+                    resource,
+                    peer_info(env, &info),
+                )
+                    .encode(env)
+            });
+        }
+        Err(why) => {
+            send_to(Some(owner), |env| {
+                (atoms::trust_dist_connect_failed(), why).encode(env)
+            });
+        }
+    });
+    match with_carrier(&resource, |c| {
+        c.connect(SocketAddr::new(ip, port), node, link_events, done)
+    }) {
+        Some(()) => Ok(atoms::ok()),
+        None => Ok(atoms::closed()),
+    }
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn stop(resource: ResourceArc<CarrierResource>) -> rustler::Atom {
+    let carrier = resource
+        .carrier
+        .lock()
+        .ok()
+        .and_then(|mut guard| guard.take());
+    if let Some(carrier) = carrier {
+        carrier.shutdown(Duration::from_secs(2));
+    }
+    atoms::ok()
+}
+
+#[rustler::nif]
+fn set_owners(link: ResourceArc<LinkResource>, input: LocalPid, output: LocalPid) -> rustler::Atom {
+    if let Ok(mut owners) = link.events.owners.lock() {
+        *owners = (input, output);
+    }
+    atoms::ok()
+}
+
+#[rustler::nif]
+fn recv_handshake(link: ResourceArc<LinkResource>) -> rustler::Atom {
+    link.link.request_handshake_frame();
+    atoms::ok()
+}
+
+/// Queues packets for the peer. `packets` is a list whose elements are each one whole
+/// packet: a binary or a list of binaries (the iovec `dist_ctrl_get_data` returns).
+/// Returns `ok`, or `busy` when the caller must wait for `{trust_dist_writable}`.
+#[rustler::nif]
+fn send(link: ResourceArc<LinkResource>, packets: Vec<Term>) -> NifResult<rustler::Atom> {
+    let mut parts: Vec<Vec<Binary>> = Vec::with_capacity(packets.len());
+    let mut total = 0usize;
+    for packet in &packets {
+        let chunks: Vec<Binary> = match packet.decode::<Binary>() {
+            Ok(bin) => vec![bin],
+            Err(_) => packet.decode::<Vec<Binary>>()?,
+        };
+        let len: usize = chunks.iter().map(|c| c.len()).sum();
+        if u32::try_from(len).is_err() {
+            return Err(rustler::Error::BadArg);
+        }
+        total += 4 + len;
+        parts.push(chunks);
+    }
+    let mut buf = Vec::with_capacity(total);
+    for chunks in &parts {
+        let len: usize = chunks.iter().map(|c| c.len()).sum();
+        buf.extend_from_slice(&(len as u32).to_be_bytes());
+        for c in chunks {
+            buf.extend_from_slice(c.as_slice());
+        }
+    }
+    Ok(if link.link.send(Bytes::from(buf), parts.len() as u64) {
+        atoms::ok()
+    } else {
+        atoms::busy()
+    })
+}
+
+#[rustler::nif]
+fn start_data(link: ResourceArc<LinkResource>) -> rustler::Atom {
+    link.link.start_data();
+    atoms::ok()
+}
+
+#[rustler::nif]
+fn ack(link: ResourceArc<LinkResource>, bytes: usize) -> rustler::Atom {
+    link.link.ack(bytes);
+    atoms::ok()
+}
+
+#[rustler::nif]
+fn tick(link: ResourceArc<LinkResource>) -> rustler::Atom {
+    link.link.tick();
+    atoms::ok()
+}
+
+/// `{ok, Received, Sent, Pending}` in the shape `dist_util` expects from getstat; the
+/// received count includes partial frames and ticks, so a long transfer keeps the link
+/// alive.
+#[rustler::nif]
+fn getstat(link: ResourceArc<LinkResource>) -> (rustler::Atom, u64, u64, usize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = link.link.stats();
+    (
+        atoms::ok(),
+        s.bytes_in.load(Relaxed),
+        s.packets_out.load(Relaxed),
+        link.link.queued_bytes(),
+    )
+}
+
+#[rustler::nif]
+fn stats<'a>(env: Env<'a>, link: ResourceArc<LinkResource>) -> NifResult<Term<'a>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = link.link.stats();
+    let pairs: Vec<(Term, Term)> = vec![
+        (
+            atoms::bytes_in().encode(env),
+            s.bytes_in.load(Relaxed).encode(env),
+        ),
+        (
+            atoms::bytes_out().encode(env),
+            s.bytes_out.load(Relaxed).encode(env),
+        ),
+        (
+            atoms::packets_in().encode(env),
+            s.packets_in.load(Relaxed).encode(env),
+        ),
+        (
+            atoms::packets_out().encode(env),
+            s.packets_out.load(Relaxed).encode(env),
+        ),
+        (
+            atoms::ticks_in().encode(env),
+            s.ticks_in.load(Relaxed).encode(env),
+        ),
+        (
+            atoms::ticks_out().encode(env),
+            s.ticks_out.load(Relaxed).encode(env),
+        ),
+        (
+            atoms::dropped_in().encode(env),
+            s.dropped_in.load(Relaxed).encode(env),
+        ),
+        (
+            atoms::queued().encode(env),
+            link.link.queued_bytes().encode(env),
+        ),
+    ];
+    Term::map_from_pairs(env, &pairs)
+}
+
+#[rustler::nif]
+fn peer<'a>(env: Env<'a>, link: ResourceArc<LinkResource>) -> Term<'a> {
+    peer_info(env, link.link.peer())
+}
+
+#[rustler::nif]
+fn close(link: ResourceArc<LinkResource>, reason: String) -> rustler::Atom {
+    link.link.close(&reason);
+    atoms::ok()
+}
+
+rustler::init!("trust_dist_nif");

@@ -1,0 +1,168 @@
+//! Framing of the distribution stream: every packet is a 4-byte big-endian length followed
+//! by that many bytes; a length of 0 is a tick. Handshake messages use the same framing.
+//!
+//! [`FrameDecoder`] is sans-IO: feed it whatever chunks the transport delivers, take whole
+//! frames out. It never allocates by the length a peer announces: a frame's buffer grows
+//! with the bytes that actually arrive, and a length above the limit is an error before any
+//! byte of the body is read.
+
+/// Bytes of the length prefix.
+pub const HEADER_BYTES: usize = 4;
+/// How much of a frame's buffer is reserved up front when its header arrives.
+const INITIAL_RESERVE: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: u64, max: u64 },
+}
+
+/// Writes the length prefix of a frame of `len` bytes.
+pub fn header(len: u32) -> [u8; HEADER_BYTES] {
+    len.to_be_bytes()
+}
+
+#[derive(Debug)]
+pub struct FrameDecoder {
+    max_len: u32,
+    header: [u8; HEADER_BYTES],
+    header_filled: usize,
+    body: Vec<u8>,
+    body_len: usize,
+    in_body: bool,
+}
+
+impl FrameDecoder {
+    pub fn new(max_len: u32) -> Self {
+        FrameDecoder {
+            max_len,
+            header: [0; HEADER_BYTES],
+            header_filled: 0,
+            body: Vec::new(),
+            body_len: 0,
+            in_body: false,
+        }
+    }
+
+    /// Lowers or raises the limit for frames whose header has not been read yet.
+    pub fn set_max_len(&mut self, max_len: u32) {
+        self.max_len = max_len;
+    }
+
+    /// True when no partial frame is buffered.
+    pub fn is_idle(&self) -> bool {
+        self.header_filled == 0 && !self.in_body
+    }
+
+    /// Consumes bytes from `input`, returning how many were used and a frame if one was
+    /// completed. Call again with the rest of `input` until it is used up.
+    pub fn decode(&mut self, input: &[u8]) -> Result<(usize, Option<Vec<u8>>), FrameError> {
+        let mut used = 0;
+        if !self.in_body {
+            let take = (HEADER_BYTES - self.header_filled).min(input.len());
+            self.header[self.header_filled..self.header_filled + take]
+                .copy_from_slice(&input[..take]);
+            self.header_filled += take;
+            used += take;
+            if self.header_filled < HEADER_BYTES {
+                return Ok((used, None));
+            }
+            let len = u32::from_be_bytes(self.header);
+            if len > self.max_len {
+                return Err(FrameError::TooLarge {
+                    len: len.into(),
+                    max: self.max_len.into(),
+                });
+            }
+            self.header_filled = 0;
+            self.body_len = len as usize;
+            self.body = Vec::with_capacity(self.body_len.min(INITIAL_RESERVE));
+            self.in_body = true;
+        }
+        let take = (self.body_len - self.body.len()).min(input.len() - used);
+        self.body.extend_from_slice(&input[used..used + take]);
+        used += take;
+        if self.body.len() == self.body_len {
+            self.in_body = false;
+            return Ok((used, Some(std::mem::take(&mut self.body))));
+        }
+        Ok((used, None))
+    }
+
+    /// Decodes every whole frame in `input`, in order, buffering any partial rest.
+    pub fn decode_all(
+        &mut self,
+        mut input: &[u8],
+        out: &mut Vec<Vec<u8>>,
+    ) -> Result<(), FrameError> {
+        while !input.is_empty() {
+            let (used, frame) = self.decode(input)?;
+            if let Some(frame) = frame {
+                out.push(frame);
+            }
+            input = &input[used..];
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn encode(frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for f in frames {
+            out.extend_from_slice(&header(f.len() as u32));
+            out.extend_from_slice(f);
+        }
+        out
+    }
+
+    #[test]
+    fn ticks_are_empty_frames() {
+        let mut d = FrameDecoder::new(16);
+        let mut out = Vec::new();
+        d.decode_all(&[0, 0, 0, 0, 0, 0, 0, 1, 7], &mut out)
+            .expect("within limit");
+        assert_eq!(out, vec![vec![], vec![7]]);
+        assert!(d.is_idle());
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_the_body() {
+        let mut d = FrameDecoder::new(1024);
+        let mut out = Vec::new();
+        assert_eq!(
+            d.decode_all(&[0xff, 0xff, 0xff, 0xff], &mut out),
+            Err(FrameError::TooLarge {
+                len: 0xffff_ffff,
+                max: 1024
+            })
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_gives_the_same_frames(
+            frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..20),
+            cuts in proptest::collection::vec(1usize..50, 1..40),
+        ) {
+            let bytes = encode(&frames);
+            let mut d = FrameDecoder::new(1000);
+            let mut out = Vec::new();
+            let mut rest = &bytes[..];
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = cuts[i % cuts.len()].min(rest.len());
+                d.decode_all(&rest[..n], &mut out).expect("within limit");
+                rest = &rest[n..];
+                i += 1;
+            }
+            prop_assert_eq!(out, frames);
+            prop_assert!(d.is_idle());
+        }
+    }
+}
