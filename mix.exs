@@ -52,14 +52,21 @@ defmodule TrustDist.MixProject do
       app: :trust_dist,
       version: "0.1.0",
       elixir: "~> 1.14",
-      erlc_paths: ["erl_src"],
+      erlc_paths: erlc_paths(Mix.env()),
       compilers: [:trust_dist_native] ++ Mix.compilers(),
       start_permanent: false,
       deps: [],
       test_paths: ["test"],
-      elixirc_paths: ["lib"]
+      elixirc_paths: elixirc_paths(Mix.env())
     ]
   end
+
+  # Test support runs on the nodes under test (Erlang, so it needs no Elixir there) and
+  # in the test runner (Elixir).
+  defp erlc_paths(:test), do: ["erl_src", "test/support"]
+  defp erlc_paths(_), do: ["erl_src"]
+  defp elixirc_paths(:test), do: ["lib", "test/support"]
+  defp elixirc_paths(_), do: ["lib"]
 
   def application do
     [extra_applications: [:logger]]

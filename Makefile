@@ -1,0 +1,53 @@
+# trust_dist — the two commands a fresh machine needs are `make demo` and `make test`.
+# Both install what is missing (scripts/install-deps.sh) and build first.
+
+SHELL := /bin/bash
+MIX_ENV ?= dev
+export MIX_HOME ?= $(CURDIR)/_build/mix_home
+export HEX_OFFLINE := 1
+
+.PHONY: all deps build test test-rust test-elixir test-matrix matrix-chroots demo bench \
+        fmt lint clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+# Rust crates (release), the NIF into priv/native, bin/trust-dist, and the Erlang/Elixir
+# code into _build/$(MIX_ENV).
+build: deps
+	mix compile
+
+test: deps test-rust test-elixir
+
+test-rust:
+	cargo test --workspace --release
+
+# ExUnit: real BEAM nodes on the carrier over loopback. The OTP 27/29 matrix runs when
+# its chroots can be built (CI builds them); set TRUST_DIST_MATRIX=0 to skip it.
+test-elixir: deps
+	@if [ "$${TRUST_DIST_MATRIX:-1}" != 0 ]; then $(MAKE) --no-print-directory matrix-chroots || true; fi
+	MIX_ENV=test mix test
+
+matrix-chroots:
+	@for v in 27 29; do scripts/otp-chroot.sh ensure $$v >/dev/null || echo "matrix: OTP $$v chroot unavailable"; done
+
+demo: build
+	scripts/demo.sh
+
+bench: build
+	bench/run.sh
+
+fmt:
+	cargo fmt --all
+	mix format
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --release -- -D warnings
+	mix format --check-formatted
+
+clean:
+	cargo clean
+	rm -rf _build priv/native bin
