@@ -7,40 +7,15 @@ defmodule Mix.Tasks.Compile.TrustDistNative do
 
   @impl true
   def run(_args) do
-    root = Path.expand(".", __DIR__)
-
+    # One build recipe for Mix and rebar3 alike.
     {_, status} =
-      System.cmd(
-        "cargo",
-        ["build", "--release", "--quiet", "-p", "trust_dist_nif", "-p", "trust_dist_cli"],
-        cd: root,
+      System.cmd("sh", [Path.join(__DIR__, "scripts/build-native.sh")],
         into: IO.stream(:stdio, :line),
         stderr_to_stdout: true
       )
 
-    if status != 0 do
-      Mix.raise("cargo build failed (exit #{status})")
-    end
-
-    target = System.get_env("CARGO_TARGET_DIR", Path.join(root, "target"))
-    File.mkdir_p!(Path.join(root, "priv/native"))
-    File.mkdir_p!(Path.join(root, "bin"))
-
-    install(
-      Path.join(target, "release/libtrust_dist_nif.so"),
-      Path.join(root, "priv/native/trust_dist_nif.so")
-    )
-
-    install(Path.join(target, "release/trust-dist"), Path.join(root, "bin/trust-dist"))
+    if status != 0, do: Mix.raise("building the native code failed (exit #{status})")
     {:ok, []}
-  end
-
-  # Copy through a temporary name so a running VM that has the old library loaded keeps
-  # a valid mapping.
-  defp install(from, to) do
-    tmp = to <> ".tmp"
-    File.cp!(from, tmp)
-    File.rename!(tmp, to)
   end
 end
 
