@@ -170,8 +170,14 @@ handshake_complete(#sock{ctrl = Ctrl, link = Link, info = Info}, Node, DHandle) 
 %%% The controller (output side)
 
 %% @private
+%% The controller traps exits so that, whatever ends the connection (net_kernel's
+%% disconnect, a tick timeout, a handshake failure), it closes the QUIC connection at
+%% once and the peer learns of it now rather than when the link is garbage collected.
 controller(Supervisor, Link) ->
+    process_flag(trap_exit, true),
     receive
+        {'EXIT', _, Reason} ->
+            exit_closing(Link, Reason);
         {Supervisor, Ref, {handshake_complete, Node, DHandle}} ->
             Input = spawn_opt(?MODULE, input_handler, [self(), DHandle, Link], ?SPAWN_OPTS),
             ok = erlang:dist_ctrl_input_handler(DHandle, Input),
@@ -193,8 +199,14 @@ output_loop(Node, DHandle, Link, Busy) ->
         {trust_dist_writable} ->
             drain(Node, DHandle, Link);
         {trust_dist_closed, Why} ->
-            closed(Node, Why)
+            closed(Node, Why);
+        {'EXIT', _, Reason} ->
+            exit_closing(Link, Reason)
     end.
+
+exit_closing(Link, Reason) ->
+    trust_dist_nif:close(Link, unicode:characters_to_binary(io_lib:format("~0tp", [Reason]))),
+    exit(Reason).
 
 drain(Node, DHandle, Link) ->
     case collect(DHandle, ?BATCH_PACKETS, ?BATCH_BYTES, []) of

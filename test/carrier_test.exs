@@ -60,6 +60,34 @@ defmodule TrustDist.CarrierTest do
     assert C.call(pa, :trust_dist_probe, :ordered_senders, [b, 8, 10_000], 120_000) == :ok
   end
 
+  test "a sender faster than the link is held back, not buffered without bound",
+       %{pa: pa, b: b} do
+    assert C.call(pa, :net_adm, :ping, [b]) == :pong
+    base = C.call(pa, :erlang, :memory, [:total])
+    result = C.call(pa, :trust_dist_probe, :flood, [b, 3000, 4], 60_000)
+    # Four senders that would enqueue gigabytes per second are suspended by the VM's
+    # busy-distribution mechanism once the carrier stops taking data.
+    assert result.busy_events > 0
+    assert result.peak_memory - base < 256 * 1024 * 1024, inspect(result)
+    assert result.received > 64 * 1024 * 1024
+    assert C.call(pa, :net_adm, :ping, [b]) == :pong
+  end
+
+  test "two nodes dialling each other at the same moment end with one connection",
+       %{pa: pa, pb: pb, a: a, b: b} do
+    for _ <- 1..5 do
+      at = System.system_time(:millisecond) + 300
+      ta = Task.async(fn -> C.call(pa, :trust_dist_probe, :ping_at, [b, at]) end)
+      tb = Task.async(fn -> C.call(pb, :trust_dist_probe, :ping_at, [a, at]) end)
+      assert {Task.await(ta), Task.await(tb)} == {:pong, :pong}
+      assert C.call(pa, :erlang, :nodes, []) == [b]
+      assert C.eventually(fn -> length(C.call(pa, :trust_dist, :links, [])) == 1 end)
+      assert C.eventually(fn -> length(C.call(pb, :trust_dist, :links, [])) == 1 end)
+      C.call(pa, :erlang, :disconnect_node, [b])
+      assert C.eventually(fn -> C.call(pb, :erlang, :nodes, []) == [] end)
+    end
+  end
+
   test "introspection lists the link with identity, tier, mode and counters",
        %{pa: pa, pb: pb, a: a, b: b} do
     assert C.call(pa, :net_adm, :ping, [b]) == :pong

@@ -8,7 +8,7 @@
          start_server/1, server_call/3, link_exit/2, monitor_down/2, monitor_noproc/1,
          spawn_link_remote/1, hello_and_exit/1, remote_exit_after/2, rpc_and_erpc/1, park/0,
          watch_nodes/0, await_nodedown/2, remote_pid/2, pid_status/2, global_pg/1,
-         inject_garbage/2, link_count/0, capture_logs/0, logs/0, log/2, atom_exists/1]).
+         inject_garbage/2, link_count/0, flood/3, sink/0, ping_at/2, capture_logs/0, logs/0, log/2, atom_exists/1]).
 -export([init/1, handle_call/3, handle_cast/2]).
 
 %% A registered process that answers {From, Msg} with {echo, Msg}.
@@ -241,3 +241,45 @@ log(#{msg := Msg}, _Config) ->
 
 atom_exists(Chars) ->
     try list_to_existing_atom(Chars) of _ -> true catch error:badarg -> false end.
+
+%% Senders here push 1 MiB messages to a discarding sink on Node for Ms milliseconds.
+%% Returns the busy_dist_port events seen, the peak memory of this node and the bytes
+%% the sink took.
+flood(Node, Ms, Senders) ->
+    erlang:system_monitor(self(), [busy_dist_port]),
+    Sink = erpc:call(Node, erlang, spawn, [?MODULE, sink, []]),
+    Bin = crypto:strong_rand_bytes(1024 * 1024),
+    Stop = erlang:monotonic_time(millisecond) + Ms,
+    Pids = [spawn_link(fun() -> flood_loop(Sink, Bin, Stop) end) || _ <- lists:seq(1, Senders)],
+    {Busy, Peak} = flood_watch(Pids, 0, erlang:memory(total)),
+    erlang:system_monitor(undefined),
+    Sink ! {self(), total},
+    Total = receive {sink_total, T} -> T after 30000 -> timeout end,
+    #{busy_events => Busy, peak_memory => Peak, received => Total}.
+
+flood_loop(Sink, Bin, Stop) ->
+    case erlang:monotonic_time(millisecond) < Stop of
+        true -> Sink ! Bin, flood_loop(Sink, Bin, Stop);
+        false -> ok
+    end.
+
+flood_watch([], Busy, Peak) -> {Busy, Peak};
+flood_watch(Pids, Busy, Peak) ->
+    Peak1 = max(Peak, erlang:memory(total)),
+    receive
+        {monitor, _, busy_dist_port, _} -> flood_watch(Pids, Busy + 1, Peak1)
+    after 20 ->
+        flood_watch([P || P <- Pids, is_process_alive(P)], Busy, Peak1)
+    end.
+
+sink() -> sink(0).
+sink(N) ->
+    receive
+        {From, total} -> From ! {sink_total, N};
+        Bin when is_binary(Bin) -> sink(N + byte_size(Bin))
+    end.
+
+%% Pings Node at the given system time (ms), so two nodes can dial each other at once.
+ping_at(Node, AtMs) ->
+    timer:sleep(max(0, AtMs - erlang:system_time(millisecond))),
+    net_adm:ping(Node).

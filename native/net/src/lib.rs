@@ -243,7 +243,17 @@ impl Carrier {
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"node stopping");
         if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_timeout(timeout);
+            let started = std::time::Instant::now();
+            // The close frames are written by the endpoint's driver task: let it run before
+            // the runtime stops, or peers only notice at their idle timeout. Blocking on
+            // the runtime is impossible from inside a runtime; such a caller skips the wait.
+            if tokio::runtime::Handle::try_current().is_err() {
+                let endpoint = self.endpoint.clone();
+                runtime.block_on(async move {
+                    let _ = tokio::time::timeout(timeout, endpoint.wait_idle()).await;
+                });
+            }
+            runtime.shutdown_timeout(timeout.saturating_sub(started.elapsed()));
         }
     }
 }
@@ -309,3 +319,6 @@ pub(crate) fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests;

@@ -627,6 +627,12 @@ async fn reader(
                 }
             }
         }
+        if link.is_some() && !pending.is_empty() && outstanding < credit {
+            // A batch went up (or was all dropped) and credit remains: hand up the next
+            // one now; waiting here would wait for an ack that may never be owed.
+            tokio::task::yield_now().await;
+            continue;
+        }
         let want_read = match &link {
             None => pending.len() < 4,
             Some(_) => pending.is_empty() && outstanding < credit,

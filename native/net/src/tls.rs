@@ -62,7 +62,7 @@ fn verify_signature(
 
 /// Accepts any ed25519 raw public key whose owner proves possession in the handshake.
 #[derive(Debug)]
-struct RawKeyVerifier;
+pub(crate) struct RawKeyVerifier;
 
 impl ServerCertVerifier for RawKeyVerifier {
     fn verify_server_cert(

@@ -1,0 +1,1110 @@
+//! In-process integration tests: real carriers on 127.0.0.1, real keys and certificates
+//! made at test time, real QUIC between them. Peers that break the protocol on purpose
+//! are raw quinn clients speaking through this crate's own TLS configuration.
+//!
+//! Every wait is bounded ([`WAIT`]), so a broken behaviour fails a test instead of
+//! hanging it. These live inside the crate (not in `tests/`) because the misbehaving
+//! clients need the crate's TLS client configuration.
+
+use crate::{tls, unix_now, Acceptor, Carrier, Level, Link, LinkEvents, Log, NodeIdentity};
+use crate::{Settings, ALPN};
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use trust_dist_proto::handshake::{encode_hello, DFLAG_NAME_ME};
+use trust_dist_proto::{Certificate, CertificateBody, KeyId, PublicKey, SecretKey, TierOrder};
+
+/// The longest any single expected event may take.
+const WAIT: Duration = Duration::from_secs(10);
+/// How long "nothing happens" is watched for.
+const QUIET: Duration = Duration::from_millis(300);
+const A: &str = "a@127.0.0.1";
+const B: &str = "b@127.0.0.1";
+/// Distribution flags as an OTP 25 node announces them (NAME_ME clear).
+const FLAGS: u64 = 0xD_07DF_7FBC;
+
+// ---------------------------------------------------------------------------------------
+// Harness: logs, events, acceptor, nodes, certificates, handshake messages.
+
+/// Collects the carrier's log lines.
+#[derive(Default)]
+struct Logs(Mutex<Vec<(Level, String)>>);
+
+impl Log for Logs {
+    fn log(&self, level: Level, message: String) {
+        self.0.lock().unwrap().push((level, message));
+    }
+}
+
+impl Logs {
+    fn lines(&self) -> Vec<(Level, String)> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits for a line containing every one of `needles`.
+    fn wait_for(&self, needles: &[&str]) -> (Level, String) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let lines = self.lines();
+            if let Some(hit) = lines
+                .iter()
+                .find(|(_, line)| needles.iter().all(|n| line.contains(n)))
+            {
+                return hit.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line containing {needles:?}; the log holds {lines:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Ev {
+    Handshake(Vec<u8>),
+    Packets(Vec<Vec<u8>>),
+    Writable,
+    Closed(String),
+}
+
+/// [`LinkEvents`] that forward everything to a channel the test reads.
+struct Events {
+    tx: Sender<Ev>,
+    rx: Mutex<Option<Receiver<Ev>>>,
+}
+
+impl Events {
+    fn new() -> Arc<Self> {
+        let (tx, rx) = mpsc::channel();
+        Arc::new(Events {
+            tx,
+            rx: Mutex::new(Some(rx)),
+        })
+    }
+
+    fn take_receiver(&self) -> Receiver<Ev> {
+        self.rx.lock().unwrap().take().expect("receiver taken once")
+    }
+}
+
+impl LinkEvents for Events {
+    fn handshake_frame(&self, frame: Vec<u8>) -> bool {
+        self.tx.send(Ev::Handshake(frame)).is_ok()
+    }
+    fn packets(&self, packets: Vec<Vec<u8>>) -> bool {
+        self.tx.send(Ev::Packets(packets)).is_ok()
+    }
+    fn writable(&self) -> bool {
+        self.tx.send(Ev::Writable).is_ok()
+    }
+    fn closed(&self, reason: &str) {
+        let _ = self.tx.send(Ev::Closed(reason.to_owned()));
+    }
+}
+
+struct Accepting {
+    tx: Sender<(Link, Arc<Events>)>,
+}
+
+impl Acceptor for Accepting {
+    type Events = Events;
+    fn new_events(&self) -> Arc<Events> {
+        Events::new()
+    }
+    fn accepted(&self, link: Link, events: Arc<Events>) {
+        let _ = self.tx.send((link, events));
+    }
+}
+
+/// One end of a link and the events it reports.
+struct End {
+    link: Link,
+    rx: Mutex<Receiver<Ev>>,
+}
+
+impl End {
+    fn new(link: Link, rx: Receiver<Ev>) -> Self {
+        End {
+            link,
+            rx: Mutex::new(rx),
+        }
+    }
+
+    fn next(&self, within: Duration) -> Option<Ev> {
+        self.rx.lock().unwrap().recv_timeout(within).ok()
+    }
+
+    /// Asks for one handshake frame and returns it.
+    fn handshake_frame(&self) -> Vec<u8> {
+        self.link.request_handshake_frame();
+        match self.next(WAIT) {
+            Some(Ev::Handshake(frame)) => frame,
+            other => panic!("expected a handshake frame, got {other:?}"),
+        }
+    }
+
+    /// Frames `bodies` and queues them as one write; returns what [`Link::send`] said.
+    fn send(&self, bodies: &[&[u8]]) -> bool {
+        let mut buf = Vec::new();
+        for body in bodies {
+            buf.extend_from_slice(&framed(body));
+        }
+        self.link.send(Bytes::from(buf), bodies.len() as u64)
+    }
+
+    /// Sends every packet, a few per write, waiting for `writable` whenever told busy.
+    fn send_all(&self, packets: &[Vec<u8>], per_write: usize) {
+        for chunk in packets.chunks(per_write) {
+            let bodies: Vec<&[u8]> = chunk.iter().map(|p| p.as_slice()).collect();
+            if !self.send(&bodies) {
+                assert!(self.wait_writable(WAIT), "busy link never became writable");
+            }
+        }
+    }
+
+    /// True if `writable` arrives within `within`.
+    fn wait_writable(&self, within: Duration) -> bool {
+        match self.next(within) {
+            Some(Ev::Writable) => true,
+            None => false,
+            Some(other) => panic!("expected writable, got {other:?}"),
+        }
+    }
+
+    /// Receives packets until `count` have arrived, acking each batch as the VM would.
+    fn receive(&self, count: usize) -> Vec<Vec<u8>> {
+        let mut got = Vec::with_capacity(count);
+        let deadline = Instant::now() + WAIT;
+        while got.len() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left) {
+                Some(Ev::Packets(batch)) => {
+                    self.link.ack(batch.iter().map(Vec::len).sum());
+                    got.extend(batch);
+                }
+                other => panic!(
+                    "expected packets ({} of {count} so far), got {other:?}",
+                    got.len()
+                ),
+            }
+        }
+        assert_eq!(got.len(), count, "more packets than were sent");
+        got
+    }
+
+    /// Skips other events until `closed` arrives; returns its reason.
+    fn closed(&self) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left) {
+                Some(Ev::Closed(reason)) => return reason,
+                Some(_) => continue,
+                None => panic!("link was not closed within {WAIT:?}"),
+            }
+        }
+    }
+}
+
+/// A carrier with its log and the links its acceptor was told of.
+struct Node {
+    carrier: Carrier,
+    logs: Arc<Logs>,
+    accepted: Receiver<(Link, Arc<Events>)>,
+}
+
+impl Node {
+    fn start(identity: NodeIdentity, settings: Settings) -> Node {
+        let logs = Arc::new(Logs::default());
+        let carrier = Carrier::start(
+            identity,
+            settings,
+            "127.0.0.1:0".parse().unwrap(),
+            logs.clone(),
+        )
+        .expect("carrier starts");
+        let (tx, accepted) = mpsc::channel();
+        carrier.start_accepting(Arc::new(Accepting { tx }));
+        Node {
+            carrier,
+            logs,
+            accepted,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.carrier.local_addr().unwrap()
+    }
+
+    /// Dials `to`, expecting it to be `expected`; returns the verified link or the reason.
+    fn connect(&self, to: &Node, expected: &str) -> Result<End, String> {
+        let events = Events::new();
+        let rx = events.take_receiver();
+        let (tx, done) = mpsc::channel();
+        self.carrier.connect(
+            to.addr(),
+            expected.to_owned(),
+            events,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        let result = done
+            .recv_timeout(WAIT)
+            .expect("connect reports its outcome");
+        result.map(|link| End::new(link, rx))
+    }
+
+    fn expect_accepted(&self) -> End {
+        let (link, events) = self
+            .accepted
+            .recv_timeout(WAIT)
+            .expect("the acceptor is told of the link");
+        End::new(link, events.take_receiver())
+    }
+
+    fn assert_nothing_accepted(&self) {
+        match self.accepted.recv_timeout(QUIET) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok((link, _)) => panic!(
+                "the acceptor was told of a link from {}",
+                link.peer().certificate.node
+            ),
+            Err(RecvTimeoutError::Disconnected) => panic!("the acceptor is gone"),
+        }
+    }
+
+    /// Waits for the refusal log line naming every needle, checks its level and that the
+    /// acceptor was not told; returns the line.
+    fn assert_refused(&self, needles: &[&str]) -> String {
+        let mut all = vec!["refused connection from 127.0.0.1:"];
+        all.extend_from_slice(needles);
+        let (level, line) = self.logs.wait_for(&all);
+        assert_eq!(level, Level::Warning, "{line}");
+        self.assert_nothing_accepted();
+        line
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        handshake_timeout: Duration::from_secs(5),
+        ..Settings::default()
+    }
+}
+
+fn tiers() -> TierOrder {
+    TierOrder::new(vec!["admin".into(), "worker".into(), "edge".into()]).unwrap()
+}
+
+fn valid_now() -> (u64, u64) {
+    let now = unix_now();
+    (now - 3600, now + 3600)
+}
+
+struct Authority(SecretKey);
+
+impl Authority {
+    fn new() -> Self {
+        Authority(SecretKey::generate())
+    }
+
+    fn public(&self) -> PublicKey {
+        self.0.public()
+    }
+
+    fn cert(&self, node: &str, tier: &str, key: PublicKey, window: (u64, u64)) -> Certificate {
+        let body = CertificateBody {
+            serial: 1,
+            node: node.into(),
+            public_key: key,
+            tier: tier.into(),
+            not_before: window.0,
+            not_after: window.1,
+            issuer: KeyId([0; 8]),
+        };
+        Certificate::issue(body, &self.0).expect("a valid body")
+    }
+
+    /// A fresh key with a certificate from this authority, trusting only this authority.
+    fn identity(&self, node: &str, tier: &str) -> NodeIdentity {
+        let secret = SecretKey::generate();
+        let certificate = self.cert(node, tier, secret.public(), valid_now());
+        NodeIdentity {
+            secret,
+            certificate,
+            authorities: vec![self.public()],
+            tiers: tiers(),
+        }
+    }
+}
+
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
+/// send_name: 'N', Flags:64, Creation:32, NameLen:16, Name.
+fn send_name(flags: u64, creation: u32, name: &str) -> Vec<u8> {
+    let mut m = vec![b'N'];
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(&creation.to_be_bytes());
+    m.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    m.extend_from_slice(name.as_bytes());
+    m
+}
+
+/// send_challenge: 'N', Flags:64, Challenge:32, Creation:32, NameLen:16, Name.
+fn send_challenge(challenge: u32, creation: u32, name: &str) -> Vec<u8> {
+    let mut m = vec![b'N'];
+    m.extend_from_slice(&FLAGS.to_be_bytes());
+    m.extend_from_slice(&challenge.to_be_bytes());
+    m.extend_from_slice(&creation.to_be_bytes());
+    m.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    m.extend_from_slice(name.as_bytes());
+    m
+}
+
+/// A packet that says which one it is: its index, then `len - 4` bytes derived from it.
+fn numbered(i: usize, len: usize) -> Vec<u8> {
+    let mut p = (i as u32).to_be_bytes().to_vec();
+    p.extend((4..len.max(4)).map(|j| (i.wrapping_mul(31) ^ j) as u8));
+    p
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a corrupted or shifted byte shows.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// FNV-1a, 64 bits.
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Brings a link from `a` to `b` through a realistic OTP distribution handshake, checking
+/// on the way that `b` is not told of it before `a` named itself. Both ends are in the
+/// data phase on return.
+fn link_up(a: &Node, b: &Node, a_name: &str, b_name: &str) -> (End, End) {
+    let a_end = a.connect(b, b_name).expect("a reaches b");
+    b.assert_nothing_accepted();
+
+    let name = send_name(FLAGS, 7, a_name);
+    assert!(a_end.send(&[&name]));
+    let b_end = b.expect_accepted();
+    assert_eq!(b_end.handshake_frame(), name);
+
+    let challenge = send_challenge(0x1234_5678, 9, b_name);
+    assert!(b_end.send(&[b"sok", &challenge]));
+    assert_eq!(a_end.handshake_frame(), b"sok");
+    assert_eq!(a_end.handshake_frame(), challenge);
+
+    let mut reply = vec![b'r'];
+    reply.extend_from_slice(&0x9abc_def0u32.to_be_bytes());
+    reply.extend_from_slice(&[0x11; 16]);
+    assert!(a_end.send(&[&reply]));
+    assert_eq!(b_end.handshake_frame(), reply);
+
+    let mut ack = vec![b'a'];
+    ack.extend_from_slice(&[0x22; 16]);
+    assert!(b_end.send(&[&ack]));
+    assert_eq!(a_end.handshake_frame(), ack);
+
+    a_end.link.start_data();
+    b_end.link.start_data();
+    (a_end, b_end)
+}
+
+/// Two admin nodes, `a` and `b`, trusting the same authority.
+fn two_nodes(a_settings: Settings, b_settings: Settings) -> (Node, Node) {
+    let authority = Authority::new();
+    let a = Node::start(authority.identity(A, "admin"), a_settings);
+    let b = Node::start(authority.identity(B, "admin"), b_settings);
+    (a, b)
+}
+
+/// A QUIC client that belongs to no carrier, for peers that break the protocol.
+struct RawClient {
+    runtime: tokio::runtime::Runtime,
+    endpoint: quinn::Endpoint,
+}
+
+impl RawClient {
+    fn new(crypto: quinn::crypto::rustls::QuicClientConfig) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut endpoint = {
+            let _guard = runtime.enter();
+            quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
+        };
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        RawClient { runtime, endpoint }
+    }
+
+    /// A client authenticating with `key` in TLS exactly as a carrier does.
+    fn with_key(key: &SecretKey) -> Self {
+        Self::new(tls::client_config(key).unwrap())
+    }
+
+    /// Connects to `to`, writes `bytes` (unless None) on the stream a carrier would use,
+    /// ends that stream if `finish`, and waits for the server to end the connection.
+    /// Returns the server's close reason, or why the connection never came up.
+    fn send_and_wait(
+        &self,
+        to: SocketAddr,
+        bytes: Option<Vec<u8>>,
+        finish: bool,
+    ) -> Result<String, String> {
+        let endpoint = self.endpoint.clone();
+        self.runtime.block_on(async move {
+            let attempt = async {
+                let connection = endpoint
+                    .connect(to, "trust-dist")
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let (mut send, _recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+                if let Some(bytes) = bytes {
+                    send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+                }
+                if finish {
+                    send.finish().map_err(|e| e.to_string())?;
+                }
+                Ok(match connection.closed().await {
+                    quinn::ConnectionError::ApplicationClosed(close) => {
+                        String::from_utf8_lossy(&close.reason).into_owned()
+                    }
+                    other => other.to_string(),
+                })
+            };
+            tokio::time::timeout(WAIT, attempt)
+                .await
+                .unwrap_or_else(|_| panic!("the server did not end the connection"))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. The happy path: handshake, ordered packets, large packets, flow control, counters.
+
+#[test]
+fn verified_link_carries_the_handshake_and_reports_both_identities() {
+    let authority = Authority::new();
+    let a_identity = authority.identity(A, "admin");
+    let b_identity = authority.identity(B, "worker");
+    let (a_key, b_key) = (a_identity.secret.public(), b_identity.secret.public());
+    let a = Node::start(a_identity, settings());
+    let b = Node::start(b_identity, settings());
+
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+
+    let b_seen_by_a = a_end.link.peer();
+    assert_eq!(b_seen_by_a.certificate.node, B);
+    assert_eq!(b_seen_by_a.certificate.public_key, b_key);
+    assert_eq!(b_seen_by_a.fingerprint, b_key.fingerprint());
+    assert_eq!(b_seen_by_a.address, b.addr());
+    // a is admin, b is worker: a commands b fully; b's view of a is restricted.
+    assert_eq!(b_seen_by_a.mode.as_str(), "restricted");
+    let a_seen_by_b = b_end.link.peer();
+    assert_eq!(a_seen_by_b.certificate.node, A);
+    assert_eq!(a_seen_by_b.certificate.public_key, a_key);
+    assert_eq!(a_seen_by_b.mode.as_str(), "full");
+
+    let a_name = b_end.link.peer_name().expect("b saw a's send_name");
+    assert_eq!((a_name.name.as_str(), a_name.creation), (A, 7));
+    assert_eq!(a_name.challenge, None);
+    let b_name = a_end.link.peer_name().expect("a saw b's challenge");
+    assert_eq!((b_name.name.as_str(), b_name.creation), (B, 9));
+    assert_eq!(b_name.challenge, Some(0x1234_5678));
+
+    // First data packets in each direction after the handshake.
+    assert!(a_end.send(&[b"from a"]));
+    assert!(b_end.send(&[b"from b"]));
+    assert_eq!(b_end.receive(1), vec![b"from a".to_vec()]);
+    assert_eq!(a_end.receive(1), vec![b"from b".to_vec()]);
+}
+
+#[test]
+fn ten_thousand_small_packets_arrive_in_order_and_counters_move() {
+    let (a, b) = two_nodes(settings(), settings());
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    let b_in_before = b_end.link.stats().bytes_in.load(Ordering::Relaxed);
+    let a_out_before = a_end.link.stats().packets_out.load(Ordering::Relaxed);
+
+    let packets: Vec<Vec<u8>> = (0..10_000).map(|i| numbered(i, 4 + i % 61)).collect();
+    let wire_bytes: usize = packets.iter().map(|p| p.len() + 4).sum();
+    let got = std::thread::scope(|s| {
+        let receiver = s.spawn(|| b_end.receive(packets.len()));
+        a_end.send_all(&packets, 37);
+        receiver.join().unwrap()
+    });
+    for (i, (got, sent)) in got.iter().zip(&packets).enumerate() {
+        assert!(got == sent, "packet {i} differs: {got:?} != {sent:?}");
+    }
+
+    // And back the other way, fewer.
+    let back: Vec<Vec<u8>> = (0..1000).map(|i| numbered(i, 100)).collect();
+    let got = std::thread::scope(|s| {
+        let receiver = s.spawn(|| a_end.receive(back.len()));
+        b_end.send_all(&back, 10);
+        receiver.join().unwrap()
+    });
+    assert!(got == back, "packets from b to a differ");
+
+    let (a_stats, b_stats) = (a_end.link.stats(), b_end.link.stats());
+    assert_eq!(
+        a_stats.packets_out.load(Ordering::Relaxed) - a_out_before,
+        10_000
+    );
+    // Handshake frames are not distribution packets: only the data phase counts.
+    assert_eq!(b_stats.packets_in.load(Ordering::Relaxed), 10_000);
+    assert_eq!(a_stats.packets_in.load(Ordering::Relaxed), 1000);
+    assert!(b_stats.bytes_in.load(Ordering::Relaxed) - b_in_before >= wire_bytes as u64);
+    let deadline = Instant::now() + WAIT;
+    while a_end.link.queued_bytes() > 0 {
+        assert!(Instant::now() < deadline, "a's send queue never drained");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(a_stats.bytes_out.load(Ordering::Relaxed) >= wire_bytes as u64);
+    assert_eq!(a_stats.dropped_in.load(Ordering::Relaxed), 0);
+    assert_eq!(b_stats.dropped_in.load(Ordering::Relaxed), 0);
+
+    // Ticks travel on their own stream and count as received bytes on the peer.
+    let (ticks_before, bytes_before) = (
+        b_stats.ticks_in.load(Ordering::Relaxed),
+        b_stats.bytes_in.load(Ordering::Relaxed),
+    );
+    for _ in 0..3 {
+        a_end.link.tick();
+    }
+    let deadline = Instant::now() + WAIT;
+    while b_stats.ticks_in.load(Ordering::Relaxed) < ticks_before + 3 {
+        assert!(Instant::now() < deadline, "ticks did not arrive");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(b_stats.ticks_in.load(Ordering::Relaxed), ticks_before + 3);
+    assert!(b_stats.bytes_in.load(Ordering::Relaxed) >= bytes_before + 3);
+    assert_eq!(a_stats.ticks_out.load(Ordering::Relaxed), 3);
+    // Ticks are not packets.
+    assert_eq!(b_stats.packets_in.load(Ordering::Relaxed), 10_000);
+    assert!(b_end.next(QUIET).is_none(), "a tick was delivered as data");
+}
+
+#[test]
+fn large_packets_arrive_intact() {
+    let (a, b) = two_nodes(settings(), settings());
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    const MIB: usize = 1024 * 1024;
+    let packets: Vec<Vec<u8>> = [MIB, MIB, 20 * MIB, MIB, 17]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| noise(i as u64 + 1, len))
+        .collect();
+    let sums: Vec<u64> = packets.iter().map(|p| checksum(p)).collect();
+    let got = std::thread::scope(|s| {
+        let receiver = s.spawn(|| b_end.receive(packets.len()));
+        // One packet per write: the 20 MiB one crosses the high-water mark on its own.
+        a_end.send_all(&packets, 1);
+        receiver.join().unwrap()
+    });
+    let got_lens: Vec<usize> = got.iter().map(Vec::len).collect();
+    let sent_lens: Vec<usize> = packets.iter().map(Vec::len).collect();
+    assert_eq!(got_lens, sent_lens);
+    let got_sums: Vec<u64> = got.iter().map(|p| checksum(p)).collect();
+    assert_eq!(got_sums, sums);
+}
+
+/// The receive credit holds back a receiver that does not ack, the QUIC windows then fill,
+/// and the sender is told busy; once acks resume, everything arrives and `writable` fires.
+#[test]
+fn unacked_packets_hold_the_sender_back_until_acks_resume() {
+    const SIZE: usize = 256 * 1024;
+    const CREDIT: usize = 300 * 1024;
+    let (a, b) = two_nodes(
+        Settings {
+            send_high_water: 1024 * 1024,
+            send_low_water: 256 * 1024,
+            ..settings()
+        },
+        Settings {
+            recv_credit: CREDIT,
+            ..settings()
+        },
+    );
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+
+    // Keep sending until busy and no `writable` comes: no ack means no room anywhere.
+    let mut sent: Vec<Vec<u8>> = Vec::new();
+    loop {
+        assert!(
+            sent.len() < 400,
+            "the sender was never held back ({} MiB sent with no ack)",
+            sent.len() / 4
+        );
+        let packet = numbered(sent.len(), SIZE);
+        let accepted = a_end.send(&[&packet]);
+        sent.push(packet);
+        if !accepted && !a_end.wait_writable(Duration::from_secs(1)) {
+            break;
+        }
+    }
+    assert!(a_end.link.queued_bytes() > 256 * 1024);
+    // QUIC's stream window is 16 MiB: the sender stopped because b stopped reading.
+    assert!(sent.len() * SIZE > 16 * 1024 * 1024, "{} sent", sent.len());
+
+    // b was handed packets only while less than its credit was outstanding: 0 and 256 KiB.
+    let mut handed = Vec::new();
+    while let Some(event) = b_end.next(QUIET) {
+        match event {
+            Ev::Packets(batch) => handed.extend(batch),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(handed.len(), 2, "packets handed up without acks");
+
+    let rest = std::thread::scope(|s| {
+        let receiver = s.spawn(|| {
+            b_end.link.ack(handed.iter().map(Vec::len).sum());
+            b_end.receive(sent.len() - handed.len())
+        });
+        assert!(
+            a_end.wait_writable(WAIT),
+            "no writable after the receiver acked"
+        );
+        receiver.join().unwrap()
+    });
+    let got: Vec<Vec<u8>> = handed.into_iter().chain(rest).collect();
+    assert!(got == sent, "packets differ after flow control");
+    // Sending goes on normally afterwards.
+    assert!(a_end.send(&[b"after"]));
+    assert_eq!(b_end.receive(1), vec![b"after".to_vec()]);
+}
+
+/// Credit is a bound on unacknowledged bytes, not a lock step: a receiver may take many
+/// batches before it acks any of them.
+#[test]
+fn packets_within_the_credit_flow_without_waiting_for_acks() {
+    let (a, b) = two_nodes(settings(), settings());
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    // One-byte packets: a single QUIC stream chunk then holds more frames than one batch.
+    let packets: Vec<Vec<u8>> = (0..20_000).map(|i| vec![i as u8]).collect();
+    assert!(a_end.send(&packets.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while got.len() < packets.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match b_end.next(left) {
+            Some(Ev::Packets(batch)) => got.extend(batch),
+            other => panic!(
+                "delivery stalled at {} of {} packets, well inside the credit: {other:?}",
+                got.len(),
+                packets.len()
+            ),
+        }
+    }
+    assert!(got == packets);
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Refusals: none reaches the acceptor, and the reason names the cause.
+
+#[test]
+fn refuses_a_client_without_a_tls_key() {
+    let (_, b) = two_nodes(settings(), settings());
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(tls::RawKeyVerifier))
+    .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    let client = RawClient::new(config.try_into().unwrap());
+    let outcome = client.send_and_wait(b.addr(), None, false);
+    assert!(
+        outcome.is_err(),
+        "TLS without a client key came up: {outcome:?}"
+    );
+    b.assert_refused(&["QUIC/TLS handshake failed"]);
+}
+
+#[test]
+fn refuses_garbage_and_missing_certificates_instead_of_a_hello() {
+    let authority = Authority::new();
+    let b = Node::start(authority.identity(B, "admin"), settings());
+    let key = SecretKey::generate();
+    let client = RawClient::with_key(&key);
+
+    // A framed message that is not a hello.
+    let reason = client
+        .send_and_wait(b.addr(), Some(framed(b"\x00 not a hello")), false)
+        .unwrap();
+    assert!(reason.contains("peer hello is malformed"), "{reason}");
+    b.assert_refused(&["peer hello is malformed (not a hello message)"]);
+
+    // Unframed text: its first four bytes announce a frame far above the hello limit.
+    let reason = client
+        .send_and_wait(b.addr(), Some(b"GET / HTTP/1.1\r\n\r\n".to_vec()), false)
+        .unwrap();
+    assert!(
+        reason.contains("exceeds the limit of 8192 bytes"),
+        "{reason}"
+    );
+    b.assert_refused(&["no hello from peer", "exceeds the limit of 8192 bytes"]);
+
+    // A well-formed hello with no certificate in it: [version 1, bin of 0 bytes].
+    let real = encode_hello(&authority.cert(A, "admin", key.public(), valid_now()));
+    assert_eq!(&real[..2], &[0x92, 0x01], "hello layout changed");
+    let reason = client
+        .send_and_wait(b.addr(), Some(framed(&[0x92, 0x01, 0xc4, 0x00])), false)
+        .unwrap();
+    assert!(reason.contains("certificate is malformed"), "{reason}");
+    b.assert_refused(&["peer certificate refused: certificate is malformed"]);
+
+    // The stream ends before a whole hello arrived.
+    let reason = client
+        .send_and_wait(b.addr(), Some(framed(&real)[..20].to_vec()), true)
+        .unwrap();
+    assert!(reason.contains("peer closed the stream"), "{reason}");
+    b.assert_refused(&["no hello from peer: peer closed the stream"]);
+
+    // No stream at all: the identity exchange times out.
+    let impatient = Node::start(
+        authority.identity(B, "admin"),
+        Settings {
+            handshake_timeout: Duration::from_millis(500),
+            ..settings()
+        },
+    );
+    client.send_and_wait(impatient.addr(), None, false).unwrap();
+    impatient.assert_refused(&["identity exchange took longer than 500ms"]);
+}
+
+#[test]
+fn refuses_a_certificate_from_an_unknown_authority() {
+    let (trusted, stranger) = (Authority::new(), Authority::new());
+    let b = Node::start(trusted.identity(B, "admin"), settings());
+    let mut a_identity = stranger.identity(A, "admin");
+    a_identity.authorities.push(trusted.public());
+    let a = Node::start(a_identity, settings());
+
+    let why = a.connect(&b, B).err().expect("refused");
+    let needle = format!(
+        "issued by authority {}, which is not among the configured authorities",
+        stranger.public().key_id()
+    );
+    assert!(why.contains(&needle), "{why}");
+    b.assert_refused(&[&needle]);
+}
+
+#[test]
+fn refuses_an_expired_certificate() {
+    let authority = Authority::new();
+    let b = Node::start(authority.identity(B, "admin"), settings());
+    let secret = SecretKey::generate();
+    let now = unix_now();
+    let certificate = authority.cert(A, "admin", secret.public(), (now - 7200, now - 3600));
+    let a = Node::start(
+        NodeIdentity {
+            secret,
+            certificate,
+            authorities: vec![authority.public()],
+            tiers: tiers(),
+        },
+        settings(),
+    );
+    let why = a.connect(&b, B).err().expect("refused");
+    let needle = format!("certificate expired at {}", now - 3600);
+    assert!(why.contains(&needle), "{why}");
+    b.assert_refused(&[&needle]);
+}
+
+#[test]
+fn refuses_a_name_the_certificate_does_not_cover() {
+    let (a, b) = two_nodes(settings(), settings());
+    let a_end = a.connect(&b, B).expect("identities check out");
+    assert!(a_end.send(&[&send_name(FLAGS, 1, "c@127.0.0.1")]));
+    let needle =
+        r#"peer certificate is for "a@127.0.0.1", but the peer claims to be "c@127.0.0.1""#;
+    b.assert_refused(&[needle]);
+    let why = a_end.closed();
+    assert!(why.contains(needle), "{why}");
+}
+
+#[test]
+fn refuses_a_dynamic_name_request() {
+    let (a, b) = two_nodes(settings(), settings());
+    let a_end = a.connect(&b, B).expect("identities check out");
+    // The name is even the certified one: the NAME_ME flag alone is the fault.
+    assert!(a_end.send(&[&send_name(FLAGS | DFLAG_NAME_ME, 1, A)]));
+    let needle = "peer asked for a dynamic node name";
+    b.assert_refused(&[needle]);
+    let why = a_end.closed();
+    assert!(why.contains(needle), "{why}");
+}
+
+#[test]
+fn refuses_a_first_frame_that_is_not_send_name() {
+    let (a, b) = two_nodes(settings(), settings());
+    let a_end = a.connect(&b, B).expect("identities check out");
+    assert!(a_end.send(&[b"sok"]));
+    b.assert_refused(&["expected an 'N' message"]);
+    assert!(a_end.closed().contains("expected an 'N' message"));
+}
+
+#[test]
+fn connecting_side_refuses_a_server_that_is_not_the_node_dialled() {
+    let (a, b) = two_nodes(settings(), settings());
+    let why = a.connect(&b, "x@127.0.0.1").err().expect("refused");
+    let needle =
+        r#"peer certificate is for "b@127.0.0.1", but the peer claims to be "x@127.0.0.1""#;
+    assert!(why.contains(needle), "{why}");
+    // a hung up before sending any distribution frame; b says so and reports nothing.
+    b.assert_refused(&["a@127.0.0.1 (", "went away before naming itself", needle]);
+}
+
+#[test]
+fn connecting_side_refuses_a_challenge_from_another_name() {
+    let (a, b) = two_nodes(settings(), settings());
+    let a_end = a.connect(&b, B).expect("identities check out");
+    assert!(a_end.send(&[&send_name(FLAGS, 1, A)]));
+    let b_end = b.expect_accepted();
+    assert_eq!(b_end.handshake_frame(), send_name(FLAGS, 1, A));
+    let challenge = send_challenge(1, 2, "b2@127.0.0.1");
+    assert!(b_end.send(&[b"sok", &challenge]));
+    a_end.link.request_handshake_frame();
+    a_end.link.request_handshake_frame();
+    let deadline = Instant::now() + WAIT;
+    let why = loop {
+        match a_end.next(deadline.saturating_duration_since(Instant::now())) {
+            Some(Ev::Handshake(frame)) => {
+                assert_ne!(frame, challenge, "the forged challenge reached the VM")
+            }
+            Some(Ev::Closed(why)) => break why,
+            other => panic!("expected the link to close, got {other:?}"),
+        }
+    };
+    assert!(why.contains(r#"claims to be "b2@127.0.0.1""#), "{why}");
+    assert!(a_end.link.peer_name().is_none());
+    assert!(b_end.closed().contains(r#"claims to be "b2@127.0.0.1""#));
+}
+
+#[test]
+fn refuses_a_tampered_certificate() {
+    let authority = Authority::new();
+    let b = Node::start(authority.identity(B, "admin"), settings());
+    let honest = authority.identity(A, "admin");
+    let bytes = honest.certificate.to_bytes();
+
+    // One byte of the signed body (the node name), then one byte of the signature.
+    let at = bytes
+        .windows(A.len())
+        .position(|w| w == A.as_bytes())
+        .expect("the node name is in the body");
+    for (i, flip) in [(at, b'a' ^ b'c'), (bytes.len() - 1, 0x01)] {
+        let mut tampered = bytes.clone();
+        tampered[i] ^= flip;
+        let certificate = Certificate::from_bytes(&tampered).expect("still well formed");
+        let a = Node::start(
+            NodeIdentity {
+                secret: honest.secret.clone(),
+                certificate,
+                authorities: vec![authority.public()],
+                tiers: tiers(),
+            },
+            settings(),
+        );
+        let why = a.connect(&b, B).err().expect("refused");
+        let needle = "certificate signature does not verify";
+        assert!(why.contains(needle), "byte {i}: {why}");
+        b.assert_refused(&[needle]);
+        b.logs.0.lock().unwrap().clear();
+    }
+}
+
+#[test]
+fn refuses_another_nodes_certificate_on_its_own_key() {
+    let authority = Authority::new();
+    let b_identity = authority.identity(B, "admin");
+    let stolen = authority.identity(A, "admin").certificate;
+    let b = Node::start(b_identity, settings());
+    // a proves its own key in TLS but presents a valid certificate issued for another key.
+    let thief = SecretKey::generate();
+    let a = Node::start(
+        NodeIdentity {
+            secret: thief.clone(),
+            certificate: stolen.clone(),
+            authorities: vec![authority.public()],
+            tiers: tiers(),
+        },
+        settings(),
+    );
+    let why = a.connect(&b, B).err().expect("refused");
+    let needle = format!(
+        "peer certificate key {} is not the key {} that authenticated the QUIC connection",
+        stolen.body().public_key.fingerprint(),
+        thief.public().fingerprint()
+    );
+    assert!(why.contains(&needle), "{why}");
+    b.assert_refused(&[&needle]);
+}
+
+#[test]
+fn refuses_a_tier_that_is_not_configured() {
+    let authority = Authority::new();
+    let b = Node::start(authority.identity(B, "admin"), settings());
+    let mut a_identity = authority.identity(A, "ghost");
+    a_identity.tiers =
+        TierOrder::new(vec!["admin".into(), "worker".into(), "ghost".into()]).unwrap();
+    let a = Node::start(a_identity, settings());
+    let why = a.connect(&b, B).err().expect("refused");
+    let needle = r#"peer certificate tier "ghost" is not among the configured tiers"#;
+    assert!(why.contains(needle), "{why}");
+    b.assert_refused(&[needle]);
+}
+
+/// The checks hold in the other direction too: the dialling node verifies the server.
+#[test]
+fn connecting_side_verifies_the_servers_certificate() {
+    let (authority, stranger) = (Authority::new(), Authority::new());
+    let now = unix_now();
+    let key = SecretKey::generate();
+    let bad_servers = [
+        (
+            stranger.cert(B, "admin", key.public(), valid_now()),
+            "which is not among the configured authorities".to_owned(),
+        ),
+        (
+            authority.cert(B, "admin", key.public(), (now - 20, now - 10)),
+            format!("certificate expired at {}", now - 10),
+        ),
+        (
+            authority.cert(B, "admin", SecretKey::generate().public(), valid_now()),
+            "that authenticated the QUIC connection".to_owned(),
+        ),
+    ];
+    let a = Node::start(authority.identity(A, "admin"), settings());
+    for (certificate, needle) in bad_servers {
+        let b = Node::start(
+            NodeIdentity {
+                secret: key.clone(),
+                certificate,
+                authorities: vec![authority.public()],
+                tiers: tiers(),
+            },
+            settings(),
+        );
+        let why = a.connect(&b, B).err().expect("refused");
+        assert!(why.contains(&needle), "{why}");
+        b.assert_nothing_accepted();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. The frame limit closes one link, not its neighbours.
+
+#[test]
+fn an_oversized_frame_closes_only_its_own_link() {
+    const MAX: u32 = 64 * 1024;
+    let (a, b) = two_nodes(
+        settings(),
+        Settings {
+            max_frame: MAX,
+            ..settings()
+        },
+    );
+    let (a1, b1) = link_up(&a, &b, A, B);
+    let (a2, b2) = link_up(&a, &b, A, B);
+
+    // Exactly the limit is fine.
+    let biggest = noise(5, MAX as usize);
+    assert!(a1.send(&[&biggest]));
+    assert!(b1.receive(1) == vec![biggest]);
+
+    // A header announcing one byte more, and nothing after it.
+    assert!(a1
+        .link
+        .send(Bytes::from((MAX + 1).to_be_bytes().to_vec()), 1));
+    let needle = format!(
+        "frame of {} bytes exceeds the limit of {MAX} bytes",
+        MAX + 1
+    );
+    let why = b1.closed();
+    assert!(why.contains(&needle), "{why}");
+    let why = a1.closed();
+    assert!(why.contains(&needle), "{why}");
+
+    // The other link of the same carriers is untouched, both ways.
+    let packets: Vec<Vec<u8>> = (0..500).map(|i| numbered(i, 1000)).collect();
+    assert!(a2.send(&packets.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+    assert!(b2.receive(500) == packets);
+    assert!(b2.send(&[b"still here"]));
+    assert_eq!(a2.receive(1), vec![b"still here".to_vec()]);
+
+    // Before the link is reported, the same limit refuses the connection outright.
+    let a3 = a.connect(&b, B).expect("identities check out");
+    assert!(a3
+        .link
+        .send(Bytes::from(u32::MAX.to_be_bytes().to_vec()), 1));
+    b.assert_refused(&[&format!("exceeds the limit of {MAX} bytes")]);
+    assert!(a3.closed().contains("exceeds the limit"));
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Shutdown.
+
+#[test]
+fn shutdown_with_live_links_is_prompt_and_closes_them() {
+    let authority = Authority::new();
+    // Peers would only notice a silent carrier after their idle timeout, far beyond WAIT.
+    let patient = || Settings {
+        idle_timeout: Duration::from_secs(120),
+        ..settings()
+    };
+    let a = Node::start(authority.identity(A, "admin"), patient());
+    let b = Node::start(authority.identity(B, "admin"), patient());
+    let c = Node::start(authority.identity("c@127.0.0.1", "admin"), patient());
+    let (a_end, b_from_a) = link_up(&a, &b, A, B);
+    let (c_end, b_from_c) = link_up(&c, &b, "c@127.0.0.1", B);
+    assert!(a_end.send(&[b"busy"]));
+    assert_eq!(b_from_a.receive(1), vec![b"busy".to_vec()]);
+
+    let timeout = Duration::from_secs(2);
+    let started = Instant::now();
+    b.carrier.shutdown(timeout);
+    let took = started.elapsed();
+    assert!(
+        took < timeout + Duration::from_secs(1),
+        "shutdown took {took:?}"
+    );
+
+    for end in [&a_end, &c_end] {
+        let why = end.closed();
+        assert!(why.contains("node stopping"), "{why}");
+    }
+    // Handles that outlive their carrier are harmless.
+    let _ = b_from_a.link.send(Bytes::from_static(b"\0\0\0\x01x"), 1);
+    b_from_a.link.tick();
+    drop((b_from_a, b_from_c));
+}
