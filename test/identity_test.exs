@@ -61,7 +61,9 @@ defmodule TrustDist.IdentityTest do
 
     assert C.call(pa, :net_adm, :ping, [nodes[b].node]) == :pang
 
-    assert C.eventually(fn -> logs(pa) =~ ~s(is for "#{nodes[c].node}") end),
+    assert C.eventually(fn ->
+             logs(pa) =~ ~s(is for "#{nodes[c].node}", but we dialled "#{nodes[b].node}")
+           end),
            "a did not log the name mismatch: " <> logs(pa)
 
     assert no_connections(pa) and no_connections(pc)

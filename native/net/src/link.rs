@@ -412,7 +412,7 @@ pub(crate) async fn connect(
             })?;
         let hello = pending.pop_front().unwrap_or_default();
         let peer = check_peer(&carrier, &connection, &hello).map_err(|e| fail(&connection, e))?;
-        handshake::check_name(&peer.certificate.node, &expected_node)
+        handshake::check_dialled(&peer.certificate.node, &expected_node)
             .map_err(|e| fail(&connection, e.to_string()))?;
         decoder.set_max_len(carrier.settings.max_frame);
         let guard = NameGuard::new(Side::Connecting, &expected_node);

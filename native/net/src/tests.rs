@@ -877,8 +877,7 @@ fn refuses_a_first_frame_that_is_not_send_name() {
 fn connecting_side_refuses_a_server_that_is_not_the_node_dialled() {
     let (a, b) = two_nodes(settings(), settings());
     let why = a.connect(&b, "x@127.0.0.1").err().expect("refused");
-    let needle =
-        r#"peer certificate is for "b@127.0.0.1", but the peer claims to be "x@127.0.0.1""#;
+    let needle = r#"peer certificate is for "b@127.0.0.1", but we dialled "x@127.0.0.1""#;
     assert!(why.contains(needle), "{why}");
     // a hung up before sending any distribution frame; b says so and reports nothing.
     b.assert_refused(&["a@127.0.0.1 (", "went away before naming itself", needle]);
@@ -905,9 +904,14 @@ fn connecting_side_refuses_a_challenge_from_another_name() {
             other => panic!("expected the link to close, got {other:?}"),
         }
     };
-    assert!(why.contains(r#"claims to be "b2@127.0.0.1""#), "{why}");
+    assert!(
+        why.contains(r#"handshake names it "b2@127.0.0.1""#),
+        "{why}"
+    );
     assert!(a_end.link.peer_name().is_none());
-    assert!(b_end.closed().contains(r#"claims to be "b2@127.0.0.1""#));
+    assert!(b_end
+        .closed()
+        .contains(r#"handshake names it "b2@127.0.0.1""#));
 }
 
 #[test]

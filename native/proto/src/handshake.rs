@@ -34,6 +34,10 @@ pub enum HandshakeError {
     KeyMismatch { cert: String, tls: String },
     #[error("peer certificate is for {pattern:?}, but the peer claims to be {claimed:?}")]
     NameMismatch { pattern: String, claimed: String },
+    #[error("peer certificate is for {pattern:?}, but we dialled {dialled:?} (wrong address or port for that node?)")]
+    NotTheDialledNode { pattern: String, dialled: String },
+    #[error("peer's handshake names it {named:?}, but we dialled {dialled:?}")]
+    ChallengeNameMismatch { named: String, dialled: String },
     #[error("peer certificate tier {0:?} is not among the configured tiers")]
     UnknownTier(String),
     #[error("peer handshake message is malformed ({0})")]
@@ -84,6 +88,18 @@ pub fn verify_hello(
         });
     }
     Ok(body.clone())
+}
+
+/// Checks, on the connecting side, that the certificate covers the node we dialled.
+pub fn check_dialled(pattern: &str, dialled: &str) -> Result<(), HandshakeError> {
+    if node_matches(pattern, dialled) {
+        Ok(())
+    } else {
+        Err(HandshakeError::NotTheDialledNode {
+            pattern: pattern.to_owned(),
+            dialled: dialled.to_owned(),
+        })
+    }
 }
 
 /// Checks that `node` is a name the certificate pattern covers.
@@ -179,6 +195,7 @@ pub enum Side {
 #[derive(Debug)]
 pub struct NameGuard {
     side: Side,
+    /// Accepting: the certificate's name pattern. Connecting: the exact node we dialled.
     pattern: String,
     frames_seen: u8,
     peer: Option<NameMessage>,
@@ -227,7 +244,16 @@ impl NameGuard {
         if message.flags & DFLAG_NAME_ME != 0 {
             return Err(HandshakeError::DynamicName);
         }
-        check_name(&self.pattern, &message.name)?;
+        match self.side {
+            Side::Accepting => check_name(&self.pattern, &message.name)?,
+            Side::Connecting if message.name != self.pattern => {
+                return Err(HandshakeError::ChallengeNameMismatch {
+                    named: message.name,
+                    dialled: self.pattern.clone(),
+                })
+            }
+            Side::Connecting => {}
+        }
         self.peer = Some(message);
         Ok(())
     }
@@ -326,7 +352,7 @@ mod tests {
         assert!(g.on_peer_frame(b"sok").is_ok());
         assert!(matches!(
             g.on_peer_frame(&challenge("evil@h")),
-            Err(HandshakeError::NameMismatch { .. })
+            Err(HandshakeError::ChallengeNameMismatch { .. })
         ));
         let mut g = NameGuard::new(Side::Connecting, "b@h");
         assert!(g.on_peer_frame(b"Nxx").is_err());
