@@ -36,8 +36,10 @@ matrix-chroots:
 demo: build
 	scripts/demo.sh
 
+# trust vs inet_tcp_dist vs inet_tls_dist, side by side; results in bench/results/.
+# BENCH_ARGS=--quick for a smoke run, --carriers trust,inet_tcp for a subset.
 bench: build
-	bench/run.sh
+	bench/run.sh $(BENCH_ARGS)
 
 fmt:
 	cargo fmt --all
