@@ -75,11 +75,17 @@ defmodule TrustDist.CarrierTest do
 
   test "two nodes dialling each other at the same moment end with one connection",
        %{pa: pa, pb: pb, a: a, b: b} do
-    for _ <- 1..5 do
-      at = System.system_time(:millisecond) + 300
+    for p <- [pa, pb], do: :ok = C.call(p, :trust_dist_probe, :capture_logs, [])
+
+    for _ <- 1..12 do
+      at = System.system_time(:millisecond) + 200
       ta = Task.async(fn -> C.call(pa, :trust_dist_probe, :ping_at, [b, at]) end)
       tb = Task.async(fn -> C.call(pb, :trust_dist_probe, :ping_at, [a, at]) end)
-      assert {Task.await(ta), Task.await(tb)} == {:pong, :pong}
+
+      assert {Task.await(ta), Task.await(tb)} == {:pong, :pong},
+             "logs of a:\n#{Enum.join(C.call(pa, :trust_dist_probe, :logs, []), "\n")}\n" <>
+               "logs of b:\n#{Enum.join(C.call(pb, :trust_dist_probe, :logs, []), "\n")}"
+
       assert C.call(pa, :erlang, :nodes, []) == [b]
       assert C.eventually(fn -> length(C.call(pa, :trust_dist, :links, [])) == 1 end)
       assert C.eventually(fn -> length(C.call(pb, :trust_dist, :links, [])) == 1 end)

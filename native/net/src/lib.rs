@@ -110,7 +110,7 @@ pub enum StartError {
 
 /// The node's QUIC endpoint and the runtime it runs on.
 pub struct Carrier {
-    runtime: Option<tokio::runtime::Runtime>,
+    driver: Option<Driver>,
     endpoint: quinn::Endpoint,
     shared: Arc<CarrierShared>,
 }
@@ -139,9 +139,7 @@ impl Carrier {
         bind: SocketAddr,
         log: Arc<dyn Log>,
     ) -> Result<Carrier, StartError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("trust_dist")
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(StartError::Runtime)?;
@@ -178,8 +176,9 @@ impl Carrier {
             client_config: client,
             server_config: server,
         });
+        let driver = Driver::start(runtime).map_err(StartError::Runtime)?;
         Ok(Carrier {
-            runtime: Some(runtime),
+            driver: Some(driver),
             endpoint,
             shared,
         })
@@ -194,7 +193,7 @@ impl Carrier {
     }
 
     fn handle(&self) -> Option<&tokio::runtime::Handle> {
-        self.runtime.as_ref().map(|r| r.handle())
+        self.driver.as_ref().map(|d| &d.handle)
     }
 
     /// Starts accepting connections; each verified one is handed to `acceptor`.
@@ -242,18 +241,8 @@ impl Carrier {
     pub fn shutdown(mut self, timeout: Duration) {
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"node stopping");
-        if let Some(runtime) = self.runtime.take() {
-            let started = std::time::Instant::now();
-            // The close frames are written by the endpoint's driver task: let it run before
-            // the runtime stops, or peers only notice at their idle timeout. Blocking on
-            // the runtime is impossible from inside a runtime; such a caller skips the wait.
-            if tokio::runtime::Handle::try_current().is_err() {
-                let endpoint = self.endpoint.clone();
-                runtime.block_on(async move {
-                    let _ = tokio::time::timeout(timeout, endpoint.wait_idle()).await;
-                });
-            }
-            runtime.shutdown_timeout(timeout.saturating_sub(started.elapsed()));
+        if let Some(driver) = self.driver.take() {
+            driver.stop(Some((self.endpoint.clone(), timeout)));
         }
     }
 }
@@ -262,11 +251,64 @@ impl Drop for Carrier {
     fn drop(&mut self) {
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"node stopping");
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
+        if let Some(driver) = self.driver.take() {
+            driver.stop(None);
         }
     }
 }
+
+/// The runtime: single-threaded, driven by one thread of its own. Every task of the
+/// carrier (endpoint, connections, links) runs there, so handing work between them never
+/// wakes another thread; the only cross-thread wake-ups are the unavoidable ones between
+/// this thread and the BEAM's schedulers.
+struct Driver {
+    handle: tokio::runtime::Handle,
+    stop: tokio::sync::oneshot::Sender<Option<(quinn::Endpoint, Duration)>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Driver {
+    fn start(runtime: tokio::runtime::Runtime) -> std::io::Result<Driver> {
+        let handle = runtime.handle().clone();
+        let (stop, stopped) =
+            tokio::sync::oneshot::channel::<Option<(quinn::Endpoint, Duration)>>();
+        let thread = std::thread::Builder::new()
+            .name("trust_dist".into())
+            .spawn(move || {
+                let linger = runtime.block_on(async move {
+                    match stopped.await {
+                        // The close frames are written by the endpoint's driver task: let it
+                        // run, or peers only notice the close at their idle timeout.
+                        Ok(Some((endpoint, timeout))) => {
+                            let started = std::time::Instant::now();
+                            let _ = tokio::time::timeout(timeout, endpoint.wait_idle()).await;
+                            timeout.saturating_sub(started.elapsed())
+                        }
+                        Ok(None) | Err(_) => Duration::ZERO,
+                    }
+                });
+                runtime.shutdown_timeout(linger);
+            })?;
+        Ok(Driver {
+            handle,
+            stop,
+            thread,
+        })
+    }
+
+    /// Stops the runtime; with `Some`, first waits (bounded) for the endpoint to finish
+    /// closing and joins the thread, with `None` lets it wind down on its own.
+    fn stop(self, wait: Option<(quinn::Endpoint, Duration)>) {
+        let join = wait.is_some();
+        let _ = self.stop.send(wait);
+        if join && std::thread::current().id() != self.thread.thread().id() {
+            let _ = self.thread.join();
+        }
+    }
+}
+
+/// Largest UDP payload probed for by path MTU discovery.
+const MTU_UPPER_BOUND: u16 = 16_384;
 
 fn transport_config(settings: &Settings) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -276,6 +318,12 @@ fn transport_config(settings: &Settings) -> quinn::TransportConfig {
     t.receive_window(quinn::VarInt::from_u32(32 * 1024 * 1024));
     t.send_window(32 * 1024 * 1024);
     t.datagram_receive_buffer_size(None);
+    // Probe for path MTUs above Ethernet's: loopback and jumbo-frame LANs carry far
+    // larger datagrams (fewer packets to encrypt and acknowledge per byte); on other paths
+    // the probes are simply lost and the connection stays at the common 1452.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtu));
     if let Ok(idle) = quinn::IdleTimeout::try_from(settings.idle_timeout) {
         t.max_idle_timeout(Some(idle));
     }

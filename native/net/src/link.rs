@@ -24,6 +24,8 @@ const CLOSE_REFUSED: u32 = 1;
 const CLOSE_PROTOCOL: u32 = 2;
 /// Most bytes read from the stream in one go.
 const READ_CHUNK: usize = 256 * 1024;
+/// How long a graceful close waits for the peer to acknowledge what was sent.
+pub const CLOSE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most packets handed to the VM in one message.
 const MAX_BATCH: usize = 256;
 
@@ -112,7 +114,7 @@ impl Shared {
 /// A verified connection to a peer. Dropping the last handle closes the connection.
 pub struct Link {
     shared: Arc<Shared>,
-    writer: mpsc::UnboundedSender<Bytes>,
+    writer: mpsc::UnboundedSender<Outgoing>,
     ticker: mpsc::UnboundedSender<()>,
     reader: mpsc::UnboundedSender<ReaderCommand>,
 }
@@ -130,6 +132,11 @@ impl Link {
 
     pub fn stats(&self) -> &LinkStats {
         &self.shared.stats
+    }
+
+    /// QUIC's own counters for the connection (datagrams, frames, RTT, congestion).
+    pub fn quic_stats(&self) -> quinn::ConnectionStats {
+        self.shared.connection.stats()
     }
 
     /// Bytes accepted by [`Link::send`] and not yet written to QUIC.
@@ -177,7 +184,7 @@ impl Link {
             .packets_out
             .fetch_add(packets, Ordering::Relaxed);
         let queued = shared.queued.fetch_add(len, Ordering::SeqCst) + len;
-        if self.writer.send(frames).is_err() {
+        if self.writer.send(Outgoing::Frames(frames)).is_err() {
             return true; // the link is closing; the closed event will follow
         }
         let settings = &shared.carrier.settings;
@@ -199,9 +206,18 @@ impl Link {
         let _ = self.ticker.send(());
     }
 
-    /// Closes the link; `reason` is logged here and sent to the peer.
+    /// Closes the link once everything queued before has reached the peer (bounded by
+    /// [`CLOSE_FLUSH_TIMEOUT`]), as closing a TCP socket would: the last handshake
+    /// status or exit signal a node sends is not lost to the close. `reason` is sent to
+    /// the peer.
     pub fn close(&self, reason: &str) {
-        self.shared.close(CLOSE_NORMAL, reason);
+        if self
+            .writer
+            .send(Outgoing::Close(reason.to_owned()))
+            .is_err()
+        {
+            self.shared.close(CLOSE_NORMAL, reason);
+        }
     }
 }
 
@@ -479,19 +495,38 @@ fn spawn_link(
     }
 }
 
+/// What the writer task is asked to do, in order.
+enum Outgoing {
+    Frames(Bytes),
+    /// Finish the stream, wait for the peer to have it all, then close the connection.
+    Close(String),
+}
+
 async fn writer(
     shared: Arc<Shared>,
     mut send: quinn::SendStream,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(64);
     while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < 64 {
+        let mut closing = None;
+        match first {
+            Outgoing::Frames(frames) => batch.push(frames),
+            Outgoing::Close(reason) => closing = Some(reason),
+        }
+        while batch.len() < 64 && closing.is_none() {
             match rx.try_recv() {
-                Ok(more) => batch.push(more),
+                Ok(Outgoing::Frames(more)) => batch.push(more),
+                Ok(Outgoing::Close(reason)) => closing = Some(reason),
                 Err(_) => break,
             }
+        }
+        if let Some(reason) = closing {
+            let _ = send.write_all_chunks(&mut batch).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, send.stopped()).await;
+            shared.close(CLOSE_NORMAL, &reason);
+            return;
         }
         let len: usize = batch.iter().map(|b| b.len()).sum();
         if let Err(e) = send.write_all_chunks(&mut batch).await {
@@ -566,6 +601,7 @@ async fn reader(
     // connecting side.
     let mut checked = pending.len().min(usize::from(guard.is_done()));
     let mut frames = Vec::new();
+    let mut ended: Option<(u32, String)> = None;
     loop {
         while checked < pending.len() && !guard.is_done() {
             if let Err(e) = guard.on_peer_frame(&pending[checked]) {
@@ -627,6 +663,40 @@ async fn reader(
                 }
             }
         }
+        if let Some((code, reason)) = ended.take() {
+            // The peer is gone, but what it sent before it went is still owed to the VM,
+            // as a TCP socket's last bytes are (a handshake's final status, an exit
+            // signal): hand it all up, unrequested and beyond credit, then report the end.
+            match &link {
+                None => {
+                    for frame in pending.drain(..checked) {
+                        if !shared.events.handshake_frame(frame) {
+                            break;
+                        }
+                    }
+                }
+                Some(state) => {
+                    let mut batch = Vec::with_capacity(pending.len());
+                    for packet in pending.drain(..) {
+                        match decide(state, &packet) {
+                            Verdict::Deliver => batch.push(packet),
+                            Verdict::Drop(_) => {
+                                shared.stats.dropped_in.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Verdict::Close(_) => break,
+                        }
+                    }
+                    shared
+                        .stats
+                        .packets_in
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    if !batch.is_empty() {
+                        shared.events.packets(batch);
+                    }
+                }
+            }
+            return (code, reason);
+        }
         if link.is_some() && !pending.is_empty() && outstanding < credit {
             // A batch went up (or was all dropped) and credit remains: hand up the next
             // one now; waiting here would wait for an ack that may never be owed.
@@ -659,11 +729,17 @@ async fn reader(
                     }
                 }
                 Ok(None) => {
-                    return (CLOSE_NORMAL, "peer closed the distribution stream".into());
+                    // A graceful close: the peer finished the stream and closes the
+                    // connection once we have acknowledged it; its reason says why.
+                    let why = match tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, shared.connection.closed()).await {
+                        Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+                            format!("peer closed the connection: {}", String::from_utf8_lossy(&close.reason))
+                        }
+                        _ => "peer closed the distribution stream".into(),
+                    };
+                    ended = Some((CLOSE_NORMAL, why));
                 }
-                Err(e) => {
-                    return (CLOSE_NORMAL, describe_read_error(&e));
-                }
+                Err(e) => ended = Some((CLOSE_NORMAL, describe_read_error(&e))),
             },
         }
     }

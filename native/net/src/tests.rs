@@ -1112,3 +1112,45 @@ fn shutdown_with_live_links_is_prompt_and_closes_them() {
     b_from_a.link.tick();
     drop((b_from_a, b_from_c));
 }
+
+/// Round-trip time of one small packet over a verified link, without the BEAM: the
+/// transport's share of distribution latency. `cargo test --release -p trust_dist_net
+/// -- --ignored --nocapture transport_round_trip`.
+#[test]
+#[ignore = "measurement, not a check"]
+fn transport_round_trip() {
+    let (a, b) = two_nodes(settings(), settings());
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    let n = 5_000;
+    let echo = std::thread::spawn(move || {
+        for _ in 0..n {
+            let p = b_end.receive(1);
+            b_end.link.ack(p[0].len());
+            assert!(b_end.send(&[&p[0]]));
+        }
+        b_end
+    });
+    let mut times = Vec::with_capacity(n);
+    let before = a_end.link.quic_stats();
+    for i in 0..n {
+        let t = std::time::Instant::now();
+        assert!(a_end.send(&[&numbered(i, 32)]));
+        let p = a_end.receive(1);
+        a_end.link.ack(p[0].len());
+        times.push(t.elapsed().as_micros());
+    }
+    let _b_end = echo.join().unwrap();
+    let after = a_end.link.quic_stats();
+    println!(
+        "per round trip: {:.2} datagrams out, {:.2} in; path rtt {:?}",
+        (after.udp_tx.datagrams - before.udp_tx.datagrams) as f64 / n as f64,
+        (after.udp_rx.datagrams - before.udp_rx.datagrams) as f64 / n as f64,
+        after.path.rtt
+    );
+    times.sort_unstable();
+    println!(
+        "transport rtt p50 {} us p99 {} us",
+        times[n / 2],
+        times[n * 99 / 100]
+    );
+}
