@@ -61,12 +61,11 @@ do_setup(Kernel, Node, Type, MyNode, _LongOrShortNames, SetupTime, _Caller) ->
                                                      request_type = Type},
                     dist_util:handshake_we_started(HSData);
                 {trust_dist_connect_failed, Why} ->
-                    logger:warning("trust_dist: connection to ~p refused: ~ts", [Node, Why],
-                                   #{domain => [trust_dist]}),
+                    trust_dist_log:log(warning, "connection to ~p refused: ~ts", [Node, Why]),
                     ?shutdown2(Node, {trust_dist, Why})
             end;
         {error, Why} ->
-            logger:notice("trust_dist: cannot reach ~p: ~tp", [Node, Why], #{domain => [trust_dist]}),
+            trust_dist_log:log(notice, "cannot reach ~p: ~tp", [Node, Why]),
             ?shutdown2(Node, Why)
     end.
 
@@ -238,7 +237,7 @@ collect(DHandle, N, Bytes, Acc) ->
     end.
 
 closed(Node, Why) ->
-    logger:notice("trust_dist: link to ~p closed: ~ts", [Node, Why], #{domain => [trust_dist]}),
+    trust_dist_log:log(notice, "link to ~p closed: ~ts", [Node, Why]),
     exit({shutdown, {trust_dist_closed, Why}}).
 
 %%% The input handler

@@ -135,7 +135,7 @@ handle_cast({register_link, Node, Ctrl, Link, Info}, State) ->
     {noreply, State}.
 
 handle_info({trust_dist_log, Level, Message}, State) ->
-    logger:log(Level, "trust_dist: ~ts", [Message], #{domain => [trust_dist]}),
+    trust_dist_log:log(Level, "~ts", [Message]),
     {noreply, State};
 handle_info({'DOWN', _, process, Ctrl, _}, State) ->
     ets:delete(?TABLE, Ctrl),

@@ -151,12 +151,12 @@ impl Carrier {
         let mut client = quinn::ClientConfig::new(Arc::new(tls::client_config(&identity.secret)?));
         client.transport_config(transport);
 
-        let (socket, warning) = bind_socket(bind, settings.socket_buffer)
+        let (socket, report) = bind_socket(bind, settings.socket_buffer)
             .map_err(|error| StartError::Bind { addr: bind, error })?;
-        if let Some(warning) = warning {
+        {
             // Logged from the runtime: the caller may be a BEAM scheduler thread.
             let log = log.clone();
-            runtime.spawn(async move { log.log(Level::Warning, warning) });
+            runtime.spawn(async move { log.log(report.level, report.message) });
         }
         let endpoint = {
             let _guard = runtime.enter();
@@ -333,10 +333,16 @@ fn transport_config(settings: &Settings) -> quinn::TransportConfig {
     t
 }
 
+/// What the kernel granted the UDP socket, for the log.
+struct SocketReport {
+    level: Level,
+    message: String,
+}
+
 fn bind_socket(
     addr: SocketAddr,
     buffer: usize,
-) -> std::io::Result<(std::net::UdpSocket, Option<String>)> {
+) -> std::io::Result<(std::net::UdpSocket, SocketReport)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -349,15 +355,32 @@ fn bind_socket(
     // kernel limit (net.core.rmem_max / wmem_max) capped it.
     let recv = socket.recv_buffer_size().unwrap_or(0);
     let send = socket.send_buffer_size().unwrap_or(0);
-    let warning = (recv < buffer || send < buffer).then(|| {
-        format!(
-            "UDP socket buffers are {recv}/{send} bytes (recv/send), below the {buffer} asked for; \
-             raise net.core.rmem_max and net.core.wmem_max for full throughput"
-        )
-    });
     socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;
-    Ok((socket.into(), warning))
+    let socket: std::net::UdpSocket = socket.into();
+    // quinn-udp probes the same socket options quinn will use: segmentation offload on
+    // send (GSO) and coalescing on receive (GRO).
+    let (gso, gro) = quinn_udp::UdpSocketState::new((&socket).into())
+        .map(|s| (s.max_gso_segments(), s.gro_segments()))
+        .unwrap_or((1, 1));
+    let report = if recv < buffer || send < buffer {
+        SocketReport {
+            level: Level::Warning,
+            message: format!(
+                "UDP socket buffers are {recv}/{send} bytes (recv/send), below the {buffer} asked \
+                 for; raise net.core.rmem_max and net.core.wmem_max for full throughput"
+            ),
+        }
+    } else {
+        SocketReport {
+            level: Level::Info,
+            message: format!(
+                "UDP {addr}: buffers {recv}/{send} bytes (recv/send), GSO up to {gso} segments, \
+                 GRO {gro} segments"
+            ),
+        }
+    };
+    Ok((socket, report))
 }
 
 /// Unix seconds now, for certificate validity checks.

@@ -1,0 +1,38 @@
+%% @doc The carrier's log lines: `logger' events under the domain [trust_dist], so a
+%% deployment can route or filter them.
+%%
+%% OTP's default handler drops events of any domain but [otp, sasl] unless told
+%% otherwise, which would hide refused connections from operators. So the first time we
+%% log once that handler is installed (it replaces the boot-time handler after
+%% distribution has started), we add a filter to it that shows our domain.
+-module(trust_dist_log).
+
+-export([log/3]).
+
+-spec log(logger:level(), io:format(), [term()]) -> ok.
+log(Level, Format, Args) ->
+    ensure_shown(),
+    logger:log(Level, "trust_dist: " ++ Format, Args, #{domain => [trust_dist]}).
+
+ensure_shown() ->
+    case persistent_term:get(?MODULE, false) of
+        true -> ok;
+        false ->
+            case logger:get_handler_config(default) of
+                {ok, #{module := logger_std_h, filters := Filters}} ->
+                    case lists:keymember(trust_dist, 1, Filters) of
+                        true -> ok;
+                        false ->
+                            Filter = {fun logger_filters:domain/2, {log, sub, [trust_dist]}},
+                            _ = logger:add_handler_filter(default, trust_dist, Filter)
+                    end,
+                    persistent_term:put(?MODULE, true);
+                {ok, _} ->
+                    %% Another kind of default handler (Elixir's Logger, for one) decides
+                    %% for itself.
+                    persistent_term:put(?MODULE, true);
+                {error, _} ->
+                    %% Still booting: the boot-time handler; try again next time.
+                    ok
+            end
+    end.
