@@ -65,10 +65,19 @@ pub struct LinkStats {
     pub dropped_in: AtomicU64,
 }
 
+/// Bytes handed to the VM and not yet acknowledged, shared by the reader (which adds)
+/// and the input handler's acks (which subtract).
+#[derive(Default)]
+struct Credit {
+    outstanding: AtomicUsize,
+    /// Set by the reader before it sleeps for lack of credit.
+    waiting: AtomicBool,
+    returned: tokio::sync::Notify,
+}
+
 enum ReaderCommand {
     RequestHandshakeFrame,
     StartData(LinkState),
-    Ack(usize),
 }
 
 struct Shared {
@@ -81,6 +90,7 @@ struct Shared {
     blocked: AtomicBool,
     closed: AtomicBool,
     close_reason: Mutex<Option<String>>,
+    credit: Credit,
     peer_name: Mutex<Option<handshake::NameMessage>>,
 }
 
@@ -169,8 +179,19 @@ impl Link {
     }
 
     /// Returns credit for `bytes` of packets the VM has taken.
+    ///
+    /// An atomic, not a message: the reader is woken only if it is actually waiting for
+    /// credit, so a busy link does not pay a cross-thread wake-up per batch.
     pub fn ack(&self, bytes: usize) {
-        let _ = self.reader.send(ReaderCommand::Ack(bytes));
+        let credit = &self.shared.credit;
+        let _ = credit
+            .outstanding
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |o| {
+                Some(o.saturating_sub(bytes))
+            });
+        if credit.waiting.swap(false, Ordering::SeqCst) {
+            credit.returned.notify_one();
+        }
     }
 
     /// Queues packets (each already a whole frame: length prefix and body) for sending.
@@ -474,6 +495,7 @@ fn spawn_link(
         blocked: AtomicBool::new(false),
         closed: AtomicBool::new(false),
         close_reason: Mutex::new(None),
+        credit: Credit::default(),
         peer_name: Mutex::new(guard.peer().cloned()),
     });
     let (writer_tx, writer_rx) = mpsc::unbounded_channel();
@@ -595,7 +617,7 @@ async fn reader(
     let credit = shared.carrier.settings.recv_credit;
     let mut link: Option<LinkState> = None;
     let mut requested = 0usize;
-    let mut outstanding = 0usize;
+    let outstanding = || shared.credit.outstanding.load(Ordering::SeqCst);
     // On the accepting side the first frame was checked before the link was reported;
     // frames still pending behind it are checked here, as are all frames on the
     // connecting side.
@@ -630,15 +652,16 @@ async fn reader(
                 }
             }
             Some(state) => {
-                if outstanding < credit && !pending.is_empty() {
+                if outstanding() < credit && !pending.is_empty() {
                     let mut batch = Vec::with_capacity(pending.len().min(MAX_BATCH));
-                    while outstanding < credit && batch.len() < MAX_BATCH {
+                    let mut taken = 0usize;
+                    while outstanding() + taken < credit && batch.len() < MAX_BATCH {
                         let Some(packet) = pending.pop_front() else {
                             break;
                         };
                         match decide(state, &packet) {
                             Verdict::Deliver => {
-                                outstanding += packet.len();
+                                taken += packet.len();
                                 batch.push(packet);
                             }
                             Verdict::Drop(_) => {
@@ -649,6 +672,7 @@ async fn reader(
                             }
                         }
                     }
+                    shared.credit.outstanding.fetch_add(taken, Ordering::SeqCst);
                     checked = pending.len();
                     shared
                         .stats
@@ -697,7 +721,7 @@ async fn reader(
             }
             return (code, reason);
         }
-        if link.is_some() && !pending.is_empty() && outstanding < credit {
+        if link.is_some() && !pending.is_empty() && outstanding() < credit {
             // A batch went up (or was all dropped) and credit remains: hand up the next
             // one now; waiting here would wait for an ack that may never be owed.
             tokio::task::yield_now().await;
@@ -705,15 +729,22 @@ async fn reader(
         }
         let want_read = match &link {
             None => pending.len() < 4,
-            Some(_) => pending.is_empty() && outstanding < credit,
+            Some(_) => pending.is_empty() && outstanding() < credit,
         };
+        // Out of credit: sleep until an ack brings some back (checked again after
+        // announcing it, so an ack in between is not missed).
+        let starved = link.is_some() && outstanding() >= credit;
+        if starved {
+            shared.credit.waiting.store(true, Ordering::SeqCst);
+        }
+        let starved = starved && outstanding() >= credit;
         tokio::select! {
             command = commands.recv() => match command {
                 None => return (CLOSE_NORMAL, "link released".into()),
                 Some(ReaderCommand::RequestHandshakeFrame) => requested += 1,
                 Some(ReaderCommand::StartData(state)) => link = Some(state),
-                Some(ReaderCommand::Ack(n)) => outstanding = outstanding.saturating_sub(n),
             },
+            _ = shared.credit.returned.notified(), if starved => {}
             chunk = recv.read_chunk(READ_CHUNK, true), if want_read => match chunk {
                 Ok(Some(chunk)) => {
                     shared.stats.bytes_in.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
