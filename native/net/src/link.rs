@@ -721,23 +721,25 @@ async fn reader(
             }
             return (code, reason);
         }
-        if link.is_some() && !pending.is_empty() && outstanding() < credit {
-            // A batch went up (or was all dropped) and credit remains: hand up the next
-            // one now; waiting here would wait for an ack that may never be owed.
+        // Out of credit: sleep until an ack brings some back. Announce it first, then look
+        // again, and decide on reading from that same look, so an ack that lands in
+        // between is never missed (acks only ever lower `outstanding`).
+        let mut starved = link.is_some() && outstanding() >= credit;
+        if starved {
+            shared.credit.waiting.store(true, Ordering::SeqCst);
+            starved = outstanding() >= credit;
+        }
+        if link.is_some() && !pending.is_empty() && !starved {
+            // Packets wait and credit remains (a batch went up, or an ack just came):
+            // hand up the next batch now; sleeping here would wait for an ack that may
+            // never be owed.
             tokio::task::yield_now().await;
             continue;
         }
         let want_read = match &link {
             None => pending.len() < 4,
-            Some(_) => pending.is_empty() && outstanding() < credit,
+            Some(_) => pending.is_empty() && !starved,
         };
-        // Out of credit: sleep until an ack brings some back (checked again after
-        // announcing it, so an ack in between is not missed).
-        let starved = link.is_some() && outstanding() >= credit;
-        if starved {
-            shared.credit.waiting.store(true, Ordering::SeqCst);
-        }
-        let starved = starved && outstanding() >= credit;
         tokio::select! {
             command = commands.recv() => match command {
                 None => return (CLOSE_NORMAL, "link released".into()),

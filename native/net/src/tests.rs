@@ -1114,6 +1114,28 @@ fn shutdown_with_live_links_is_prompt_and_closes_them() {
     drop((b_from_a, b_from_c));
 }
 
+/// With a credit smaller than two packets, the reader runs out of credit after every
+/// batch and must be woken by each ack: a wake-up lost between its check and its sleep
+/// stalls the link for good. Many thousand rounds give such a race its chances.
+#[test]
+fn a_reader_starved_of_credit_is_always_woken_by_acks() {
+    let (a, b) = two_nodes(
+        settings(),
+        Settings {
+            recv_credit: 150,
+            ..settings()
+        },
+    );
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    let packets: Vec<Vec<u8>> = (0..50_000).map(|i| numbered(i, 100)).collect();
+    let got = std::thread::scope(|s| {
+        let receiver = s.spawn(|| b_end.receive(packets.len()));
+        a_end.send_all(&packets, 50);
+        receiver.join().unwrap()
+    });
+    assert!(got == packets, "packets differ under tight credit");
+}
+
 /// Round-trip time of one small packet over a verified link, without the BEAM: the
 /// transport's share of distribution latency. `cargo test --release -p trust_dist_net
 /// -- --ignored --nocapture transport_round_trip`.
