@@ -108,13 +108,19 @@ accept_loop(Kernel) ->
             Kernel ! {accept, self(), {trust_dist_link, Link, Info}, inet, ?PROTOCOL},
             receive
                 {Kernel, controller, Supervisor} ->
-                    ok = trust_dist_nif:set_owners(Link, Supervisor, Supervisor),
+                    %% `closed' is fine here: the supervisor's first request says so.
+                    _ = trust_dist_nif:set_owners(Link, Supervisor, Supervisor),
                     Supervisor ! {self(), controller};
                 {Kernel, unsupported_protocol} ->
                     trust_dist_nif:close(Link, <<"unsupported protocol">>)
             end;
         {trust_dist_closed, _} ->
-            %% A link that closed before its supervisor took it over.
+            %% A link that closed before its supervisor took it over; the supervisor
+            %% learns of it when it asks for the first handshake message.
+            ok;
+        {trust_dist_hs, _} ->
+            %% Never sent here (frames go out only as asked for, and only the supervisor
+            %% asks); dropped so this mailbox cannot grow.
             ok
     end,
     accept_loop(Kernel).

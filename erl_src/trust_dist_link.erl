@@ -138,14 +138,24 @@ handshake_send(Link, Data) ->
         busy -> ok  % handshake messages are tiny; the queue drains on its own
     end.
 
-%% dist_util wants one whole handshake message, as a list.
+%% dist_util wants one whole handshake message, as a list. The transport already holds
+%% these to ?MAX_HANDSHAKE_MESSAGE bytes; the guard here is a second line.
+-define(MAX_HANDSHAKE_MESSAGE, 2048).
 handshake_recv(Link, Timeout) ->
-    ok = trust_dist_nif:recv_handshake(Link),
-    receive
-        {trust_dist_hs, Frame} -> {ok, binary_to_list(Frame)};
-        {trust_dist_closed, Why} -> {error, {closed, Why}}
-    after Timeout ->
-        {error, timeout}
+    case trust_dist_nif:recv_handshake(Link) of
+        ok ->
+            receive
+                {trust_dist_hs, Frame} when byte_size(Frame) =< ?MAX_HANDSHAKE_MESSAGE ->
+                    {ok, binary_to_list(Frame)};
+                {trust_dist_hs, _} ->
+                    {error, oversized_handshake_message};
+                {trust_dist_closed, Why} ->
+                    {error, {closed, Why}}
+            after Timeout ->
+                {error, timeout}
+            end;
+        closed ->
+            {error, closed}
     end.
 
 net_address(Node, #{address := Address}) ->
@@ -181,8 +191,10 @@ controller(Supervisor, Link) ->
             Input = spawn_opt(?MODULE, input_handler, [self(), DHandle, Link], ?SPAWN_OPTS),
             ok = erlang:dist_ctrl_input_handler(DHandle, Input),
             false = erlang:dist_ctrl_set_opt(DHandle, get_size, true),
-            ok = trust_dist_nif:set_owners(Link, Input, self()),
-            ok = trust_dist_nif:start_data(Link),
+            %% If the link ended during the hand-over, its closed event went to the
+            %% supervisor: these tell us instead, and the connection goes down now.
+            ok = started(trust_dist_nif:set_owners(Link, Input, self()), Link),
+            ok = started(trust_dist_nif:start_data(Link), Link),
             process_flag(priority, normal),
             Supervisor ! {Ref, ok},
             erlang:dist_ctrl_get_data_notification(DHandle),
@@ -202,6 +214,9 @@ output_loop(Node, DHandle, Link, Busy) ->
         {'EXIT', _, Reason} ->
             exit_closing(Link, Reason)
     end.
+
+started(ok, _Link) -> ok;
+started(closed, Link) -> exit_closing(Link, {shutdown, trust_dist_closed}).
 
 exit_closing(Link, Reason) ->
     trust_dist_nif:close(Link, unicode:characters_to_binary(io_lib:format("~0tp", [Reason]))),

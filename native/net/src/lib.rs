@@ -121,12 +121,50 @@ pub(crate) struct CarrierShared {
     pub(crate) log: Arc<dyn Log>,
     client_config: quinn::ClientConfig,
     server_config: quinn::ServerConfig,
+    refusals: std::sync::Mutex<RefusalLimit>,
 }
 
 impl CarrierShared {
-    pub(crate) fn log(&self, level: Level, message: String) {
-        self.log.log(level, message);
+    /// Logs a refused connection, at most [`REFUSALS_PER_WINDOW`] per
+    /// [`REFUSAL_WINDOW`]: a flood of bad connection attempts must not become a flood of
+    /// log lines. How many were not logged is said when logging resumes.
+    pub(crate) fn refusal(&self, message: String) {
+        let Ok(mut limit) = self.refusals.lock() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if now.duration_since(limit.window_start) >= REFUSAL_WINDOW {
+            if limit.suppressed > 0 {
+                self.log.log(
+                    Level::Warning,
+                    format!(
+                        "{} more refused connections were not logged",
+                        limit.suppressed
+                    ),
+                );
+            }
+            *limit = RefusalLimit {
+                window_start: now,
+                logged: 0,
+                suppressed: 0,
+            };
+        }
+        if limit.logged < REFUSALS_PER_WINDOW {
+            limit.logged += 1;
+            self.log.log(Level::Warning, message);
+        } else {
+            limit.suppressed += 1;
+        }
     }
+}
+
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+const REFUSALS_PER_WINDOW: u32 = 20;
+
+struct RefusalLimit {
+    window_start: std::time::Instant,
+    logged: u32,
+    suppressed: u64,
 }
 
 impl Carrier {
@@ -143,13 +181,12 @@ impl Carrier {
             .enable_all()
             .build()
             .map_err(StartError::Runtime)?;
-        let transport = Arc::new(transport_config(&settings));
         let mut server =
             quinn::ServerConfig::with_crypto(Arc::new(tls::server_config(&identity.secret)?));
-        server.transport_config(transport.clone());
+        server.transport_config(Arc::new(transport_config(&settings, Role::Server)));
         server.migration(false);
         let mut client = quinn::ClientConfig::new(Arc::new(tls::client_config(&identity.secret)?));
-        client.transport_config(transport);
+        client.transport_config(Arc::new(transport_config(&settings, Role::Client)));
 
         let (socket, report) = bind_socket(bind, settings.socket_buffer)
             .map_err(|error| StartError::Bind { addr: bind, error })?;
@@ -175,6 +212,11 @@ impl Carrier {
             log,
             client_config: client,
             server_config: server,
+            refusals: std::sync::Mutex::new(RefusalLimit {
+                window_start: std::time::Instant::now(),
+                logged: 0,
+                suppressed: 0,
+            }),
         });
         let driver = Driver::start(runtime).map_err(StartError::Runtime)?;
         Ok(Carrier {
@@ -204,10 +246,26 @@ impl Carrier {
         let shared = self.shared.clone();
         if let Some(handle) = self.handle() {
             handle.spawn(async move {
+                // Identity exchanges under way at once: beyond this, new connection
+                // attempts are refused outright, so a flood of them cannot take the
+                // runtime (and with it every established link) for itself.
+                let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_ACCEPTS));
                 while let Some(incoming) = endpoint.accept().await {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        shared.refusal(format!(
+                            "refused connection from {}: {MAX_PENDING_ACCEPTS} identity exchanges \
+                             already under way",
+                            incoming.remote_address()
+                        ));
+                        incoming.refuse();
+                        continue;
+                    };
                     let shared = shared.clone();
                     let acceptor = acceptor.clone();
-                    tokio::spawn(async move { link::accept(shared, incoming, acceptor).await });
+                    tokio::spawn(async move {
+                        link::accept(shared, incoming, acceptor).await;
+                        drop(slot);
+                    });
                 }
             });
         }
@@ -310,12 +368,33 @@ impl Driver {
 /// Largest UDP payload probed for by path MTU discovery.
 const MTU_UPPER_BOUND: u16 = 16_384;
 
-fn transport_config(settings: &Settings) -> quinn::TransportConfig {
+/// Which end of connections a transport configuration is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Server,
+    Client,
+}
+
+/// Connection-level receive window once a peer is verified.
+pub(crate) const RECEIVE_WINDOW: u32 = 32 * 1024 * 1024;
+/// Connection-level receive window before that: room for the hello and the handshake,
+/// not for an unauthenticated peer to park megabytes in our buffers.
+const UNVERIFIED_RECEIVE_WINDOW: u32 = 256 * 1024;
+/// Identity exchanges that may run at once on the accepting side.
+const MAX_PENDING_ACCEPTS: usize = 64;
+
+fn transport_config(settings: &Settings, role: Role) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(4u32.into());
-    t.max_concurrent_uni_streams(4u32.into());
+    // The streams a peer may open: the client opens the one bidirectional stream, and
+    // each side one unidirectional tick stream.
+    let bidi: u32 = if role == Role::Server { 1 } else { 0 };
+    t.max_concurrent_bidi_streams(bidi.into());
+    t.max_concurrent_uni_streams(1u32.into());
     t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
-    t.receive_window(quinn::VarInt::from_u32(32 * 1024 * 1024));
+    t.receive_window(quinn::VarInt::from_u32(match role {
+        Role::Server => UNVERIFIED_RECEIVE_WINDOW,
+        Role::Client => RECEIVE_WINDOW,
+    }));
     t.send_window(32 * 1024 * 1024);
     t.datagram_receive_buffer_size(None);
     // Probe for path MTUs above Ethernet's: loopback and jumbo-frame LANs carry far

@@ -6,7 +6,7 @@
 //! packet, each as a length-prefixed frame. Each side also opens one unidirectional stream
 //! on which it writes one byte per tick, so liveness never waits behind bulk data.
 
-use crate::{tls, unix_now, Acceptor, CarrierShared, Level};
+use crate::{tls, unix_now, Acceptor, CarrierShared};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use trust_dist_proto::frame::{self, FrameDecoder};
-use trust_dist_proto::handshake::{self, NameGuard, Side, MAX_HELLO_BYTES};
+use trust_dist_proto::handshake::{self, FrameBudget, NameGuard, Side, MAX_HANDSHAKE_FRAME};
 use trust_dist_proto::link::{decide, LinkMode, LinkState, Verdict};
 use trust_dist_proto::CertificateBody;
 
@@ -24,6 +24,8 @@ const CLOSE_REFUSED: u32 = 1;
 const CLOSE_PROTOCOL: u32 = 2;
 /// Most bytes read from the stream in one go.
 const READ_CHUNK: usize = 256 * 1024;
+/// Bytes read ahead of the VM while the distribution handshake runs.
+const PRE_START_BUFFER: usize = 64 * 1024;
 /// How long a graceful close waits for the peer to acknowledge what was sent.
 pub const CLOSE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most packets handed to the VM in one message.
@@ -161,13 +163,24 @@ impl Link {
 
     /// Asks for the next handshake frame from the peer, delivered through
     /// [`LinkEvents::handshake_frame`].
-    pub fn request_handshake_frame(&self) {
-        let _ = self.reader.send(ReaderCommand::RequestHandshakeFrame);
+    ///
+    /// Returns false if the link has already ended: no frame will come.
+    pub fn request_handshake_frame(&self) -> bool {
+        self.reader
+            .send(ReaderCommand::RequestHandshakeFrame)
+            .is_ok()
+    }
+
+    /// True once the link has ended, or is ending.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst) || self.reader.is_closed()
     }
 
     /// The distribution handshake is over: from now on packets flow in batches, under
     /// credit, and each passes the link's policy decision.
-    pub fn start_data(&self) {
+    ///
+    /// Returns false if the link has already ended.
+    pub fn start_data(&self) -> bool {
         let name = self.peer_name();
         let state = LinkState {
             mode: self.shared.peer.mode,
@@ -175,7 +188,7 @@ impl Link {
             peer_tier: self.shared.peer.certificate.tier.clone(),
             peer_creation: name.map(|n| n.creation).unwrap_or(0),
         };
-        let _ = self.reader.send(ReaderCommand::StartData(state));
+        self.reader.send(ReaderCommand::StartData(state)).is_ok() && !self.is_closed()
     }
 
     /// Returns credit for `bytes` of packets the VM has taken.
@@ -242,10 +255,49 @@ impl Link {
     }
 }
 
+/// The peer's frames, each held to the limit of its place in the exchange (hello,
+/// handshake message, data) before a byte of its body is buffered.
+struct Deframer {
+    decoder: FrameDecoder,
+    budget: FrameBudget,
+}
+
+impl Deframer {
+    fn new(side: Side, max_frame: u32) -> Self {
+        let budget = FrameBudget::new(side, max_frame);
+        Deframer {
+            decoder: FrameDecoder::new(budget.limit()),
+            budget,
+        }
+    }
+
+    fn decode(
+        &mut self,
+        mut input: &[u8],
+        out: &mut Vec<Vec<u8>>,
+    ) -> Result<(), frame::FrameError> {
+        while !input.is_empty() {
+            self.decoder.set_max_len(self.budget.limit());
+            let (used, frame) = self.decoder.decode(input)?;
+            input = &input[used..];
+            if let Some(frame) = frame {
+                self.budget.frame_done();
+                out.push(frame);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of a frame still being received.
+    fn partial_bytes(&self) -> usize {
+        self.decoder.buffered()
+    }
+}
+
 /// Reads frames until `pending` holds at least `want` of them.
 async fn read_frames(
     recv: &mut quinn::RecvStream,
-    decoder: &mut FrameDecoder,
+    decoder: &mut Deframer,
     pending: &mut VecDeque<Vec<u8>>,
     want: usize,
     stats: Option<&LinkStats>,
@@ -260,7 +312,7 @@ async fn read_frames(
                         .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
                 }
                 decoder
-                    .decode_all(&chunk.bytes, &mut frames)
+                    .decode(&chunk.bytes, &mut frames)
                     .map_err(|e| e.to_string())?;
                 pending.extend(frames.drain(..));
             }
@@ -335,7 +387,7 @@ pub(crate) async fn accept<A: Acceptor>(
             .accept_bi()
             .await
             .map_err(|e| fail(&connection, e.to_string()))?;
-        let mut decoder = FrameDecoder::new(MAX_HELLO_BYTES);
+        let mut decoder = Deframer::new(Side::Accepting, carrier.settings.max_frame);
         let mut pending = VecDeque::new();
         read_frames(&mut recv, &mut decoder, &mut pending, 1, None)
             .await
@@ -350,7 +402,6 @@ pub(crate) async fn accept<A: Acceptor>(
         send.write_all(&ours)
             .await
             .map_err(|e| fail(&connection, e.to_string()))?;
-        decoder.set_max_len(carrier.settings.max_frame);
         read_frames(&mut recv, &mut decoder, &mut pending, 1, None)
             .await
             .map_err(|e| {
@@ -375,6 +426,8 @@ pub(crate) async fn accept<A: Acceptor>(
     .await;
     match result {
         Ok(Ok((connection, send, recv, decoder, pending, guard, peer))) => {
+            // Verified: now the peer may use the full window.
+            connection.set_receive_window(quinn::VarInt::from_u32(crate::RECEIVE_WINDOW));
             let events = acceptor.new_events();
             let link = spawn_link(
                 carrier,
@@ -390,20 +443,14 @@ pub(crate) async fn accept<A: Acceptor>(
             acceptor.accepted(link, events);
         }
         Ok(Err((connection, why))) => {
-            carrier.log(
-                Level::Warning,
-                format!("refused connection from {from}: {why}"),
-            );
+            carrier.refusal(format!("refused connection from {from}: {why}"));
             if let Some(c) = connection {
                 c.close(quinn::VarInt::from_u32(CLOSE_REFUSED), why.as_bytes());
             }
         }
-        Err(_) => carrier.log(
-            Level::Warning,
-            format!(
-                "refused connection from {from}: identity exchange took longer than {timeout:?}"
-            ),
-        ),
+        Err(_) => carrier.refusal(format!(
+            "refused connection from {from}: identity exchange took longer than {timeout:?}"
+        )),
     }
 }
 
@@ -437,7 +484,7 @@ pub(crate) async fn connect(
         send.write_all(&ours)
             .await
             .map_err(|e| fail(&connection, e.to_string()))?;
-        let mut decoder = FrameDecoder::new(MAX_HELLO_BYTES);
+        let mut decoder = Deframer::new(Side::Connecting, carrier.settings.max_frame);
         let mut pending = VecDeque::new();
         read_frames(&mut recv, &mut decoder, &mut pending, 1, None)
             .await
@@ -451,7 +498,6 @@ pub(crate) async fn connect(
         let peer = check_peer(&carrier, &connection, &hello).map_err(|e| fail(&connection, e))?;
         handshake::check_dialled(&peer.certificate.node, &expected_node)
             .map_err(|e| fail(&connection, e.to_string()))?;
-        decoder.set_max_len(carrier.settings.max_frame);
         let guard = NameGuard::new(Side::Connecting, &expected_node);
         Ok::<_, (Option<quinn::Connection>, String)>((
             connection, send, recv, decoder, pending, guard, peer,
@@ -481,7 +527,7 @@ fn spawn_link(
     events: Arc<dyn LinkEvents>,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
-    decoder: FrameDecoder,
+    decoder: Deframer,
     pending: VecDeque<Vec<u8>>,
     guard: NameGuard,
 ) -> Link {
@@ -610,7 +656,7 @@ async fn reader(
     shared: &Shared,
     mut recv: quinn::RecvStream,
     mut commands: mpsc::UnboundedReceiver<ReaderCommand>,
-    mut decoder: FrameDecoder,
+    mut decoder: Deframer,
     mut pending: VecDeque<Vec<u8>>,
     mut guard: NameGuard,
 ) -> (u32, String) {
@@ -645,6 +691,15 @@ async fn reader(
                     if let Some(frame) = pending.pop_front() {
                         checked -= 1;
                         requested -= 1;
+                        if frame.len() > MAX_HANDSHAKE_FRAME as usize {
+                            return (
+                                CLOSE_PROTOCOL,
+                                format!(
+                                    "handshake message of {} bytes exceeds the limit of {MAX_HANDSHAKE_FRAME}",
+                                    frame.len()
+                                ),
+                            );
+                        }
                         if !shared.events.handshake_frame(frame) {
                             return (CLOSE_NORMAL, "the handshake process is gone".into());
                         }
@@ -687,18 +742,15 @@ async fn reader(
                 }
             }
         }
-        if let Some((code, reason)) = ended.take() {
+        if let Some((code, reason)) = &ended {
             // The peer is gone, but what it sent before it went is still owed to the VM,
             // as a TCP socket's last bytes are (a handshake's final status, an exit
-            // signal): hand it all up, unrequested and beyond credit, then report the end.
+            // signal). During the handshake it goes up as asked for, one frame per
+            // request, to whoever owns the link by then (never unasked into an
+            // acceptor's mailbox); after it, all at once, beyond credit.
             match &link {
-                None => {
-                    for frame in pending.drain(..checked) {
-                        if !shared.events.handshake_frame(frame) {
-                            break;
-                        }
-                    }
-                }
+                None if pending.is_empty() => return (*code, reason.clone()),
+                None => {}
                 Some(state) => {
                     let mut batch = Vec::with_capacity(pending.len());
                     for packet in pending.drain(..) {
@@ -717,9 +769,9 @@ async fn reader(
                     if !batch.is_empty() {
                         shared.events.packets(batch);
                     }
+                    return (*code, reason.clone());
                 }
             }
-            return (code, reason);
         }
         // Out of credit: sleep until an ack brings some back. Announce it first, then look
         // again, and decide on reading from that same look, so an ack that lands in
@@ -736,10 +788,16 @@ async fn reader(
             tokio::task::yield_now().await;
             continue;
         }
-        let want_read = match &link {
-            None => pending.len() < 4,
-            Some(_) => pending.is_empty() && !starved,
-        };
+        let want_read = ended.is_none()
+            && match &link {
+                // Before the data phase only handshake messages are due: read a little
+                // ahead, never much.
+                None => {
+                    pending.iter().map(Vec::len).sum::<usize>() + decoder.partial_bytes()
+                        < PRE_START_BUFFER
+                }
+                Some(_) => pending.is_empty() && !starved,
+            };
         tokio::select! {
             command = commands.recv() => match command {
                 None => return (CLOSE_NORMAL, "link released".into()),
@@ -750,7 +808,7 @@ async fn reader(
             chunk = recv.read_chunk(READ_CHUNK, true), if want_read => match chunk {
                 Ok(Some(chunk)) => {
                     shared.stats.bytes_in.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-                    if let Err(e) = decoder.decode_all(&chunk.bytes, &mut frames) {
+                    if let Err(e) = decoder.decode(&chunk.bytes, &mut frames) {
                         return (CLOSE_PROTOCOL, e.to_string());
                     }
                     for frame in frames.drain(..) {

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use trust_dist_proto::handshake::{encode_hello, DFLAG_NAME_ME};
+use trust_dist_proto::handshake::{encode_hello, DFLAG_NAME_ME, MAX_HANDSHAKE_FRAME};
 use trust_dist_proto::{Certificate, CertificateBody, KeyId, PublicKey, SecretKey, TierOrder};
 
 /// The longest any single expected event may take.
@@ -1067,12 +1067,17 @@ fn an_oversized_frame_closes_only_its_own_link() {
     assert!(b2.send(&[b"still here"]));
     assert_eq!(a2.receive(1), vec![b"still here".to_vec()]);
 
-    // Before the link is reported, the same limit refuses the connection outright.
+    // Before the distribution handshake is over, only handshake-sized frames are taken:
+    // a send_name padded to 16 KiB (which dist_util would accept, trailing bytes and
+    // all, and turn into a 256 KiB list) refuses the connection before it is reported.
     let a3 = a.connect(&b, B).expect("identities check out");
-    assert!(a3
-        .link
-        .send(Bytes::from(u32::MAX.to_be_bytes().to_vec()), 1));
-    b.assert_refused(&[&format!("exceeds the limit of {MAX} bytes")]);
+    let mut padded = send_name(FLAGS, 7, A);
+    padded.resize(16 * 1024, 0);
+    assert!(a3.send(&[&padded]));
+    b.assert_refused(&[&format!(
+        "frame of {} bytes exceeds the limit of {MAX_HANDSHAKE_FRAME} bytes",
+        padded.len()
+    )]);
     assert!(a3.closed().contains("exceeds the limit"));
 }
 

@@ -63,16 +63,11 @@ impl BeamEvents {
     }
 }
 
-fn make_binary<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
-    match OwnedBinary::new(bytes.len()) {
-        Some(mut bin) => {
-            bin.as_mut_slice().copy_from_slice(bytes);
-            bin.release(env).encode(env)
-        }
-        // Allocation failure inside the VM: an empty binary makes the packet fail to
-        // decode and the link close, rather than crashing the VM from this thread.
-        None => "".encode(env),
-    }
+/// A copy of `bytes` as a binary; None if the VM cannot allocate it.
+fn make_binary<'a>(env: Env<'a>, bytes: &[u8]) -> Option<Term<'a>> {
+    let mut bin = OwnedBinary::new(bytes.len())?;
+    bin.as_mut_slice().copy_from_slice(bytes);
+    Some(bin.release(env).encode(env))
 }
 
 fn send_to(pid: Option<LocalPid>, build: impl for<'a> FnOnce(Env<'a>) -> Term<'a>) -> bool {
@@ -82,17 +77,44 @@ fn send_to(pid: Option<LocalPid>, build: impl for<'a> FnOnce(Env<'a>) -> Term<'a
 }
 
 impl LinkEvents for BeamEvents {
+    // An allocation failure makes these return false, which ends the link: a lost
+    // packet must never pass for a delivered one.
     fn handshake_frame(&self, frame: Vec<u8>) -> bool {
-        send_to(self.input(), |env| {
-            (atoms::trust_dist_hs(), make_binary(env, &frame)).encode(env)
-        })
+        let Some(pid) = self.input() else {
+            return false;
+        };
+        let mut env = OwnedEnv::new();
+        let mut allocated = true;
+        let sent = env.send_and_clear(&pid, |env| match make_binary(env, &frame) {
+            Some(bin) => (atoms::trust_dist_hs(), bin).encode(env),
+            None => {
+                allocated = false;
+                atoms::error().encode(env)
+            }
+        });
+        sent.is_ok() && allocated
     }
 
     fn packets(&self, packets: Vec<Vec<u8>>) -> bool {
-        send_to(self.input(), |env| {
-            let list: Vec<Term> = packets.iter().map(|p| make_binary(env, p)).collect();
-            (atoms::trust_dist_in(), list).encode(env)
-        })
+        let Some(pid) = self.input() else {
+            return false;
+        };
+        let mut env = OwnedEnv::new();
+        let mut allocated = true;
+        let sent = env.send_and_clear(&pid, |env| {
+            match packets
+                .iter()
+                .map(|p| make_binary(env, p))
+                .collect::<Option<Vec<Term>>>()
+            {
+                Some(list) => (atoms::trust_dist_in(), list).encode(env),
+                None => {
+                    allocated = false;
+                    atoms::error().encode(env)
+                }
+            }
+        });
+        sent.is_ok() && allocated
     }
 
     fn writable(&self) -> bool {
@@ -440,18 +462,27 @@ fn stop(resource: ResourceArc<CarrierResource>) -> rustler::Atom {
     atoms::ok()
 }
 
+/// Hands the link's events to new owners. `closed` if the link has already ended: its
+/// closed event may have gone to the previous owner.
 #[rustler::nif]
 fn set_owners(link: ResourceArc<LinkResource>, input: LocalPid, output: LocalPid) -> rustler::Atom {
     if let Ok(mut owners) = link.events.owners.lock() {
         *owners = (input, output);
     }
-    atoms::ok()
+    if link.link.is_closed() {
+        atoms::closed()
+    } else {
+        atoms::ok()
+    }
 }
 
 #[rustler::nif]
 fn recv_handshake(link: ResourceArc<LinkResource>) -> rustler::Atom {
-    link.link.request_handshake_frame();
-    atoms::ok()
+    if link.link.request_handshake_frame() {
+        atoms::ok()
+    } else {
+        atoms::closed()
+    }
 }
 
 /// Queues packets for the peer. `packets` is a list whose elements are each one whole
@@ -490,8 +521,11 @@ fn send(link: ResourceArc<LinkResource>, packets: Vec<Term>) -> NifResult<rustle
 
 #[rustler::nif]
 fn start_data(link: ResourceArc<LinkResource>) -> rustler::Atom {
-    link.link.start_data();
-    atoms::ok()
+    if link.link.start_data() {
+        atoms::ok()
+    } else {
+        atoms::closed()
+    }
 }
 
 #[rustler::nif]

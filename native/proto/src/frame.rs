@@ -50,6 +50,15 @@ impl FrameDecoder {
         self.max_len = max_len;
     }
 
+    /// Bytes of a partial frame held (header and body so far).
+    pub fn buffered(&self) -> usize {
+        if self.in_body {
+            self.body.len()
+        } else {
+            self.header_filled
+        }
+    }
+
     /// True when no partial frame is buffered.
     pub fn is_idle(&self) -> bool {
         self.header_filled == 0 && !self.in_body

@@ -15,6 +15,10 @@ use serde::{Deserialize, Serialize};
 pub const HELLO_VERSION: u16 = 1;
 /// Hello frames larger than this are refused.
 pub const MAX_HELLO_BYTES: u32 = 8 * 1024;
+/// Largest distribution-handshake message accepted from a peer. The longest real one is a
+/// send_challenge with a 255-byte node name (under 300 bytes); dist_util turns each into
+/// a list, so a large one would cost 16 bytes of heap per byte.
+pub const MAX_HANDSHAKE_FRAME: u32 = 2048;
 /// The distribution flag by which a node asks the peer to name it (OTP 23+); a dynamic
 /// name cannot be bound to a certificate, so it is refused.
 pub const DFLAG_NAME_ME: u64 = 1 << 33;
@@ -188,6 +192,59 @@ pub enum Side {
     Accepting,
     /// We connected: the peer answers with send_status, then send_challenge.
     Connecting,
+}
+
+impl Side {
+    /// How many distribution-handshake messages the peer sends us: send_name and
+    /// challenge_reply to an acceptor; send_status, send_challenge and challenge_ack to a
+    /// connector. Every frame after those is distribution data.
+    pub fn peer_handshake_frames(self) -> u8 {
+        match self {
+            Side::Accepting => 2,
+            Side::Connecting => 3,
+        }
+    }
+}
+
+/// The size limit for each frame a peer sends on a new link, in order: the hello, then
+/// its distribution-handshake messages, then data. Small frames are all a peer may send
+/// before the distribution handshake is over.
+#[derive(Debug, Clone)]
+pub struct FrameBudget {
+    hello_pending: bool,
+    handshake_left: u8,
+    data_max: u32,
+}
+
+impl FrameBudget {
+    pub fn new(side: Side, data_max: u32) -> Self {
+        FrameBudget {
+            hello_pending: true,
+            handshake_left: side.peer_handshake_frames(),
+            data_max,
+        }
+    }
+
+    /// The limit for the next frame.
+    pub fn limit(&self) -> u32 {
+        if self.hello_pending {
+            MAX_HELLO_BYTES
+        } else if self.handshake_left > 0 {
+            MAX_HANDSHAKE_FRAME
+        } else {
+            self.data_max
+        }
+    }
+
+    /// Counts one whole frame (empty ones included: a tick is no handshake message, so
+    /// a peer that sends one early only shortens its own handshake).
+    pub fn frame_done(&mut self) {
+        if self.hello_pending {
+            self.hello_pending = false;
+        } else {
+            self.handshake_left = self.handshake_left.saturating_sub(1);
+        }
+    }
 }
 
 /// Watches the peer's handshake frames until the peer's claimed name has been seen and
