@@ -32,7 +32,7 @@ childspecs() ->
 
 select(Node) ->
     case split_node(Node) of
-        {ok, _Name, Host} -> resolve_host(Host) =/= error;
+        {ok, _Name, Host} -> trust_dist_link:resolve_host(Host) =/= error;
         error -> false
     end.
 
@@ -154,14 +154,4 @@ split_node(Node) when is_atom(Node) ->
     case string:split(atom_to_list(Node), "@") of
         [Name, Host] when Name =/= [], Host =/= [] -> {ok, Name, Host};
         _ -> error
-    end.
-
-resolve_host(Host) ->
-    case inet:getaddr(Host, inet) of
-        {ok, Ip} -> {ok, Ip};
-        {error, _} ->
-            case inet:getaddr(Host, inet6) of
-                {ok, Ip} -> {ok, Ip};
-                {error, _} -> error
-            end
     end.

@@ -18,7 +18,7 @@
 %% node name its certificate covers; see the net crate.
 -module(trust_dist_link).
 
--export([setup/6, accept_connection/6]).
+-export([setup/6, accept_connection/6, resolve_host/1]).
 -export([do_setup/7, do_accept/7, controller/2, input_handler/3]).
 
 -include_lib("kernel/include/net_address.hrl").
@@ -107,6 +107,7 @@ resolve(Node) ->
             {error, {unresolvable_host, Host}}
     end.
 
+%% @doc The address of Host, IPv4 first; shared by select/1 and setup.
 resolve_host(Host) ->
     case inet:getaddr(Host, inet) of
         {ok, Ip} -> {ok, Ip};

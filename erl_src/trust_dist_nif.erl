@@ -6,11 +6,11 @@
 -module(trust_dist_nif).
 
 -export([load/0]).
--export([start/1, local_port/1, local_tier/1, accept/2, connect/5, stop/1,
+-export([start/1, local_port/1, accept/2, connect/5, stop/1,
          set_owners/3, recv_handshake/1, send/2, start_data/1, ack/2, tick/1,
          getstat/1, stats/1, peer/1, close/2]).
 
--nifs([start/1, local_port/1, local_tier/1, accept/2, connect/5, stop/1,
+-nifs([start/1, local_port/1, accept/2, connect/5, stop/1,
        set_owners/3, recv_handshake/1, send/2, start_data/1, ack/2, tick/1,
        getstat/1, stats/1, peer/1, close/2]).
 
@@ -39,7 +39,6 @@ library_path() ->
 
 start(_Options) -> ?NOT_LOADED.
 local_port(_Carrier) -> ?NOT_LOADED.
-local_tier(_Carrier) -> ?NOT_LOADED.
 accept(_Carrier, _Acceptor) -> ?NOT_LOADED.
 connect(_Carrier, _Ip, _Port, _Node, _Owner) -> ?NOT_LOADED.
 stop(_Carrier) -> ?NOT_LOADED.

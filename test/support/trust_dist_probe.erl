@@ -8,7 +8,7 @@
          start_server/1, server_call/3, link_exit/2, monitor_down/2, monitor_noproc/1,
          spawn_link_remote/1, hello_and_exit/1, remote_exit_after/2, rpc_and_erpc/1, park/0,
          watch_nodes/0, await_nodedown/2, remote_pid/2, pid_status/2, global_pg/1,
-         inject_garbage/2, link_count/0, flood/3, sink/0, ping_at/2, capture_logs/0, logs/0, log/2, atom_exists/1]).
+         inject_garbage/2, flood/3, sink/0, ping_at/2, capture_logs/0, logs/0, log/2, atom_exists/1]).
 -export([init/1, handle_call/3, handle_cast/2]).
 
 %% A registered process that answers {From, Msg} with {echo, Msg}.
@@ -203,9 +203,6 @@ global_pg(Name) ->
 inject_garbage(Node, Bytes) ->
     [Link] = [L || {N, L, _} <- trust_dist_server:links(), N =:= Node],
     trust_dist_nif:send(Link, [Bytes]).
-
-link_count() ->
-    length(trust_dist:links()).
 
 %% Collects every logger event of the trust_dist domain on this node, formatted, so a
 %% test can assert on the reason a node logged.

@@ -397,11 +397,6 @@ fn local_port(resource: ResourceArc<CarrierResource>) -> Option<u16> {
 }
 
 #[rustler::nif]
-fn local_tier(resource: ResourceArc<CarrierResource>) -> Option<String> {
-    with_carrier(&resource, |c| c.identity().tier().to_owned())
-}
-
-#[rustler::nif]
 fn accept(resource: ResourceArc<CarrierResource>, acceptor: LocalPid) -> rustler::Atom {
     match with_carrier(&resource, |c| {
         c.start_accepting(Arc::new(BeamAcceptor { pid: acceptor }))
