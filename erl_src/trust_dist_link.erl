@@ -58,7 +58,7 @@ do_setup(Kernel, Node, Type, MyNode, _LongOrShortNames, SetupTime, _Caller) ->
                                                      this_node = MyNode,
                                                      timer = Timer,
                                                      other_version = ?ERL_DIST_VER_HIGH,
-                                                     request_type = Type},
+                                                     request_type = request_type(Info, Type)},
                     dist_util:handshake_we_started(HSData);
                 {trust_dist_connect_failed, Why} ->
                     trust_dist_log:log(warning, "connection to ~p refused: ~ts", [Node, Why]),
@@ -78,7 +78,8 @@ do_accept(Kernel, Acceptor, {trust_dist_link, Link, Info}, MyNode, Allowed, Setu
             HSData = (hs_data(Sock))#hs_data{kernel_pid = Kernel,
                                              this_node = MyNode,
                                              timer = Timer,
-                                             allowed = Allowed},
+                                             allowed = Allowed,
+                                             request_type = request_type(Info, normal)},
             dist_util:handshake_other_started(HSData)
     end.
 
@@ -118,7 +119,26 @@ resolve_host(Host) ->
             end
     end.
 
-hs_data(#sock{ctrl = Ctrl, link = Link, info = Info} = Sock) ->
+%% Restricted links (the peer is below us) negotiate neither the atom cache nor fragments,
+%% so every packet the peer sends is self-contained: a packet the filter drops cannot
+%% change how a later one decodes, and no fragment state exists to bound. Either side's
+%% rejection removes a feature in both directions. Links across tiers are hidden: no
+%% `global' sync and no transitive mesh through a node of another tier.
+-define(RESTRICTED_REJECT_FLAGS, (?DFLAG_DIST_HDR_ATOM_CACHE bor ?DFLAG_FRAGMENTS)).
+
+hs_data(#sock{info = Info} = Sock) ->
+    HSData = hs_data_funs(Sock),
+    Reject = case Info of
+                 #{mode := restricted} -> ?RESTRICTED_REJECT_FLAGS;
+                 #{} -> 0
+             end,
+    HSData#hs_data{reject_flags = Reject}.
+
+%% The connection type: hidden across tiers whatever net_kernel asked for.
+request_type(#{cross_tier := true}, _Asked) -> hidden;
+request_type(#{}, Asked) -> Asked.
+
+hs_data_funs(#sock{ctrl = Ctrl, link = Link, info = Info} = Sock) ->
     #hs_data{socket = Sock,
              this_flags = 0,
              f_send = fun(_, Data) -> handshake_send(Link, Data) end,

@@ -50,6 +50,9 @@ pub struct PeerInfo {
     pub certificate: CertificateBody,
     pub fingerprint: String,
     pub mode: LinkMode,
+    /// The peer's tier differs from ours: the connection is hidden (no `global` sync, no
+    /// transitive mesh), whichever way trust runs.
+    pub cross_tier: bool,
     pub address: SocketAddr,
 }
 
@@ -362,6 +365,7 @@ fn check_peer(
         .ok_or_else(|| handshake::HandshakeError::UnknownTier(body.tier.clone()).to_string())?;
     Ok(PeerInfo {
         fingerprint: tls_key.fingerprint(),
+        cross_tier: body.tier != identity.tier(),
         certificate: body,
         mode,
         address: connection.remote_address(),

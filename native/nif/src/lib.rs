@@ -21,7 +21,7 @@ mod atoms {
         trust_dist_hs, trust_dist_in, trust_dist_writable, trust_dist_closed,
         trust_dist_accepted, trust_dist_connected, trust_dist_connect_failed, trust_dist_log,
         debug, info, notice, warning,
-        certified_as, tier, fingerprint, mode, address, serial, not_after, issuer, full, restricted,
+        certified_as, tier, fingerprint, mode, cross_tier, address, serial, not_after, issuer, full, restricted,
         bytes_in, bytes_out, packets_in, packets_out, queued, ticks_in, ticks_out, dropped_in,
         identity, certificate, authorities, tiers, listen, node_name, runtime,
     }
@@ -199,6 +199,10 @@ fn peer_info<'a>(env: Env<'a>, peer: &PeerInfo) -> Term<'a> {
             peer.fingerprint.encode(env),
         ),
         (atoms::mode().encode(env), mode.encode(env)),
+        (
+            atoms::cross_tier().encode(env),
+            peer.cross_tier.encode(env),
+        ),
         (
             atoms::address().encode(env),
             address_term(env, peer.address),
