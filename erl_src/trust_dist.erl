@@ -145,8 +145,18 @@ getopts(_Listen, _Opts) ->
 %% link mode, and traffic counters.
 -spec links() -> [map()].
 links() ->
-    [maps:merge(Info#{node => Node}, trust_dist_nif:stats(Link))
+    [counters_as_atoms(maps:merge(Info#{node => Node}, trust_dist_nif:stats(Link)))
      || {Node, Link, Info} <- trust_dist_server:links()].
+
+%% The filter's counters of a restricted link come as binaries of a fixed vocabulary
+%% (operation and outcome names).
+counters_as_atoms(#{counters := Counters} = Link) ->
+    Link#{counters := maps:from_list(
+                        [{binary_to_atom(Op),
+                          maps:from_list([{binary_to_atom(O), N} || {O, N} <- maps:to_list(ByOutcome)])}
+                         || {Op, ByOutcome} <- maps:to_list(Counters)])};
+counters_as_atoms(Link) ->
+    Link.
 
 %%% Internal
 

@@ -12,12 +12,17 @@
                     authorities := [string()],
                     tiers := [atom()],
                     listen := #{ip := inet:ip_address() | any, port := inet:port_number()},
-                    ports := #{node() => inet:port_number()}}.
+                    ports := #{node() => inet:port_number()},
+                    policy := [{binary(), map()}],
+                    assertions := [{binary(), boolean(), binary(), [binary()], non_neg_integer()}]}.
 -export_type([config/0]).
 
-%% `policy' and `revoked' are not accepted yet: a deployment that sets them expects
-%% enforcement, and silently ignoring them would fail open.
--define(KNOWN_KEYS, [identity, certificate, authorities, tiers, listen, ports]).
+%% `revoked' is not accepted yet: a deployment that sets it expects enforcement, and
+%% silently ignoring it would fail open.
+-define(KNOWN_KEYS, [identity, certificate, authorities, tiers, listen, ports, policy, assertions]).
+%% Options of one tier's policy; what they mean is in the README's policy reference.
+-define(POLICY_OPTIONS, [registered, rpc, max_message_size, funs, connect, audit,
+                         max_monitors, max_depth]).
 
 %% @doc The validated configuration, or `{error, {Key, Message}}'.
 -spec load() -> {ok, config()} | {error, {atom(), string()}}.
@@ -29,12 +34,15 @@ load() ->
         Env = application:get_all_env(trust_dist),
         [throw({Key, "unknown key; known keys are " ++ keys_text()})
          || {Key, _} <- Env, not lists:member(Key, ?KNOWN_KEYS), Key =/= included_applications],
+        Tiers = tiers(required(tiers)),
         {ok, #{identity => path(identity, required(identity)),
                certificate => path(certificate, required(certificate)),
                authorities => authorities(required(authorities)),
-               tiers => tiers(required(tiers)),
+               tiers => Tiers,
                listen => listen(get(listen, #{})),
-               ports => ports(get(ports, #{}))}}
+               ports => ports(get(ports, #{})),
+               policy => policy(get(policy, #{}), Tiers),
+               assertions => assertions(get(assertions, []), Tiers)}}
     catch
         throw:{Key, Message} -> {error, {Key, Message}}
     end.
@@ -126,6 +134,86 @@ ports(Map) when is_map(Map) ->
     Map;
 ports(Other) ->
     throw({ports, fmt("must be a map of node name to UDP port, got ~tp", [Other])}).
+
+%% The policy goes to the NIF with names as binaries and only the options given; the
+%% filter fills in the defaults ("answer only").
+policy(Map, Tiers) when is_map(Map) ->
+    [{atom_to_binary(tier_of(policy, Tier, Tiers)), tier_policy(Tier, Options)}
+     || {Tier, Options} <- lists:sort(maps:to_list(Map))];
+policy(Other, _Tiers) ->
+    throw({policy, fmt("must be a map of tier => options, such as "
+                       "#{worker => #{registered => [results]}}, got ~tp", [Other])}).
+
+tier_of(Key, Tier, Tiers) ->
+    case lists:member(Tier, Tiers) of
+        true -> Tier;
+        false -> throw({Key, fmt("names tier ~tp, which is not in tiers ~tp", [Tier, Tiers])})
+    end.
+
+tier_policy(Tier, Options) when is_map(Options) ->
+    maps:from_list([tier_option(Tier, K, V) || {K, V} <- maps:to_list(Options)]);
+tier_policy(Tier, Other) ->
+    throw({policy, fmt("tier ~tp: options must be a map such as #{registered => [results]}, got ~tp",
+                       [Tier, Other])}).
+
+tier_option(Tier, registered, Names) ->
+    case is_list(Names) andalso lists:all(fun is_atom/1, Names) of
+        true -> {registered, [atom_to_binary(N) || N <- Names]};
+        false -> throw({policy, fmt("tier ~tp: registered must be a list of registered names "
+                                    "(atoms), got ~tp", [Tier, Names])})
+    end;
+tier_option(Tier, rpc, MFAs) ->
+    Valid = fun({M, F, A}) -> is_atom(M) andalso is_atom(F) andalso is_integer(A)
+                                  andalso A >= 0 andalso A =< 255;
+               (_) -> false
+            end,
+    case is_list(MFAs) andalso lists:all(Valid, MFAs) of
+        true -> {rpc, [{atom_to_binary(M), atom_to_binary(F), A} || {M, F, A} <- MFAs]};
+        false -> throw({policy, fmt("tier ~tp: rpc must be a list of {Module, Function, Arity}, "
+                                    "got ~tp", [Tier, MFAs])})
+    end;
+tier_option(Tier, K, V) when K =:= max_message_size; K =:= max_monitors; K =:= max_depth ->
+    case is_integer(V) andalso V > 0 of
+        true -> {K, V};
+        false -> throw({policy, fmt("tier ~tp: ~ts must be a positive integer, got ~tp", [Tier, K, V])})
+    end;
+tier_option(Tier, K, V) when K =:= funs; K =:= connect; K =:= audit ->
+    case is_boolean(V) of
+        true -> {K, V};
+        false -> throw({policy, fmt("tier ~tp: ~ts must be true or false, got ~tp", [Tier, K, V])})
+    end;
+tier_option(Tier, K, _V) ->
+    throw({policy, fmt("tier ~tp: unknown option ~tp; known options are ~ts",
+                       [Tier, K, lists:join(", ", [atom_to_list(O) || O <- ?POLICY_OPTIONS])])}).
+
+%% Assertions are checked by the filter itself when the carrier starts; here only their
+%% form.
+assertions(List, Tiers) when is_list(List) ->
+    [assertion(A, Tiers) || A <- List];
+assertions(Other, _Tiers) ->
+    throw({assertions, fmt("must be a list such as [{worker, may_not, spawn}], got ~tp", [Other])}).
+
+assertion({Tier, Modal, What} = A, Tiers) when Modal =:= may; Modal =:= may_not ->
+    T = atom_to_binary(tier_of(assertions, Tier, Tiers)),
+    May = Modal =:= may,
+    case What of
+        _ when What =:= spawn; What =:= connect; What =:= exit; What =:= link;
+               What =:= group_leader; What =:= funs ->
+            {T, May, atom_to_binary(What), [], 0};
+        {call, M, F, Ar} when is_atom(M), is_atom(F), is_integer(Ar), Ar >= 0, Ar =< 255 ->
+            {T, May, <<"call">>, [atom_to_binary(M), atom_to_binary(F)], Ar};
+        {Kind, Name} when (Kind =:= send orelse Kind =:= monitor), is_atom(Name) ->
+            {T, May, atom_to_binary(Kind), [atom_to_binary(Name)], 0};
+        {message_size, N} when is_integer(N), N > 0 ->
+            {T, May, <<"message_size">>, [], N};
+        _ ->
+            throw({assertions, fmt("~tp: unknown capability ~tp; use spawn, {call, M, F, A}, "
+                                   "{send, Name}, {monitor, Name}, connect, exit, link, "
+                                   "group_leader, funs or {message_size, Bytes}", [A, What])})
+    end;
+assertion(Other, _Tiers) ->
+    throw({assertions, fmt("~tp is not an assertion; write {Tier, may | may_not, Capability}",
+                           [Other])}).
 
 is_text(V) when is_binary(V) -> true;
 is_text(V) when is_list(V) -> io_lib:char_list(V) andalso V =/= [];

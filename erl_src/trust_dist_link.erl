@@ -215,7 +215,8 @@ controller(Supervisor, Link) ->
             %% If the link ended during the hand-over, its closed event went to the
             %% supervisor: these tell us instead, and the connection goes down now.
             ok = started(trust_dist_nif:set_owners(Link, Input, self()), Link),
-            ok = started(trust_dist_nif:start_data(Link), Link),
+            ok = started(trust_dist_nif:start_data(Link, term_to_binary(self()),
+                                                   system_processes()), Link),
             process_flag(priority, normal),
             Supervisor ! {Ref, ok},
             erlang:dist_ctrl_get_data_notification(DHandle),
@@ -235,6 +236,12 @@ output_loop(Node, DHandle, Link, Busy) ->
         {'EXIT', _, Reason} ->
             exit_closing(Link, Reason)
     end.
+
+%% This node's system processes as the filter of a restricted link must know them: they
+%% stay unreachable from a lower tier even if their pids were handed out.
+system_processes() ->
+    [{atom_to_binary(Name), term_to_binary(Pid)}
+     || Name <- trust_dist_nif:system_process_names(), is_pid(Pid = whereis(Name))].
 
 started(ok, _Link) -> ok;
 started(closed, Link) -> exit_closing(Link, {shutdown, trust_dist_closed}).

@@ -7,12 +7,37 @@
 %% distribution has started), we add a filter to it that shows our domain.
 -module(trust_dist_log).
 
--export([log/3]).
+-export([log/3, denied/1]).
 
 -spec log(logger:level(), io:format(), [term()]) -> ok.
 log(Level, Format, Args) ->
     ensure_shown(),
     logger:log(Level, "trust_dist: " ++ Format, Args, #{domain => [trust_dist]}).
+
+%% @doc A refused packet from a lower tier, as a structured report: `what', `peer',
+%% `tier', `op', `reason', `outcome' (dropped, answered, closed, or audited: delivered
+%% in audit mode), `detail' and `suppressed' (refusals on that link not reported since
+%% the last report; the transport limits reports per link and second).
+-spec denied(map()) -> ok.
+denied(#{peer := Peer, tier := Tier, op := Op, reason := Reason, outcome := Outcome} = Raw) ->
+    ensure_shown(),
+    Report = Raw#{what => trust_dist_denied,
+                  peer => binary_to_atom(Peer),
+                  tier => binary_to_atom(Tier),
+                  op => binary_to_atom(Op),
+                  reason => binary_to_atom(Reason),
+                  outcome => binary_to_atom(Outcome)},
+    Level = case Outcome of <<"audited">> -> notice; _ -> warning end,
+    logger:log(Level, Report, #{domain => [trust_dist], report_cb => fun format_denied/1}).
+
+format_denied(#{peer := Peer, tier := Tier, op := Op, reason := Reason, outcome := Outcome,
+                detail := Detail, suppressed := Suppressed}) ->
+    More = case Suppressed of
+               0 -> "";
+               N -> io_lib:format("; ~b earlier refusals not logged", [N])
+           end,
+    {"trust_dist: refused ~ts from ~ts (tier ~ts): ~ts (~ts), ~ts~ts",
+     [Op, Peer, Tier, Reason, Detail, Outcome, More]}.
 
 ensure_shown() ->
     case persistent_term:get(?MODULE, false) of

@@ -6,13 +6,13 @@
 -module(trust_dist_nif).
 
 -export([load/0]).
--export([start/1, local_port/1, accept/2, connect/5, stop/1,
-         set_owners/3, recv_handshake/1, send/2, start_data/1, ack/2, tick/1,
-         getstat/1, stats/1, peer/1, close/2]).
+-export([start/3, local_port/1, accept/2, connect/5, stop/1,
+         set_owners/3, recv_handshake/1, send/2, start_data/3, ack/2, tick/1,
+         getstat/1, stats/1, peer/1, close/2, system_process_names/0, vocabulary/0]).
 
--nifs([start/1, local_port/1, accept/2, connect/5, stop/1,
-       set_owners/3, recv_handshake/1, send/2, start_data/1, ack/2, tick/1,
-       getstat/1, stats/1, peer/1, close/2]).
+-nifs([start/3, local_port/1, accept/2, connect/5, stop/1,
+       set_owners/3, recv_handshake/1, send/2, start_data/3, ack/2, tick/1,
+       getstat/1, stats/1, peer/1, close/2, system_process_names/0, vocabulary/0]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
@@ -37,7 +37,7 @@ library_path() ->
            end,
     filename:join([Priv, "native", "trust_dist_nif"]).
 
-start(_Options) -> ?NOT_LOADED.
+start(_Options, _Policy, _Assertions) -> ?NOT_LOADED.
 local_port(_Carrier) -> ?NOT_LOADED.
 accept(_Carrier, _Acceptor) -> ?NOT_LOADED.
 connect(_Carrier, _Ip, _Port, _Node, _Owner) -> ?NOT_LOADED.
@@ -45,10 +45,18 @@ stop(_Carrier) -> ?NOT_LOADED.
 set_owners(_Link, _Input, _Output) -> ?NOT_LOADED.
 recv_handshake(_Link) -> ?NOT_LOADED.
 send(_Link, _Packets) -> ?NOT_LOADED.
-start_data(_Link) -> ?NOT_LOADED.
+start_data(_Link, _Me, _SystemProcesses) -> ?NOT_LOADED.
 ack(_Link, _Bytes) -> ?NOT_LOADED.
 tick(_Link) -> ?NOT_LOADED.
 getstat(_Link) -> ?NOT_LOADED.
 stats(_Link) -> ?NOT_LOADED.
 peer(_Link) -> ?NOT_LOADED.
 close(_Link, _Reason) -> ?NOT_LOADED.
+
+%% @doc OTP's system processes: never reachable from a lower tier (the filter's list).
+-spec system_process_names() -> [atom()].
+system_process_names() -> ?NOT_LOADED.
+
+%% @doc The filter's report vocabulary as atoms (creating them once, at start).
+-spec vocabulary() -> [atom()].
+vocabulary() -> ?NOT_LOADED.

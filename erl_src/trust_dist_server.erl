@@ -84,9 +84,11 @@ handle_call({listen, NodeName, Port}, _From, #state{config = Config} = State) ->
                 idle_timeout_ms => net_ticktime_ms(),
                 handshake_timeout_ms => net_setuptime_ms(),
                 max_frame => 128 * 1024 * 1024},
-    case start_carrier(Options, Ip0) of
+    Trust = {maps:get(policy, Config), maps:get(assertions, Config)},
+    case start_carrier(Options, Trust, Ip0) of
         {ok, Carrier, BoundIp} ->
             persistent_term:put({?MODULE, carrier}, Carrier),
+            _ = trust_dist_nif:vocabulary(),
             {reply, {ok, Carrier, trust_dist_nif:local_port(Carrier), BoundIp},
              State#state{carrier = Carrier}};
         {error, {Key, Why}} = Error ->
@@ -98,18 +100,18 @@ handle_call({listen, NodeName, Port}, _From, #state{config = Config} = State) ->
 
 %% With no configured address, bind the IPv6 wildcard (which also serves IPv4 where the
 %% host allows dual stack), and fall back to the IPv4 wildcard on hosts without IPv6.
-start_carrier(Options, any) ->
-    case trust_dist_nif:start(Options) of
+start_carrier(Options, {Policy, Assertions}, any) ->
+    case trust_dist_nif:start(Options, Policy, Assertions) of
         {ok, Carrier} -> {ok, Carrier, {0, 0, 0, 0, 0, 0, 0, 0}};
         {error, {listen, _}} ->
-            case trust_dist_nif:start(Options#{ip := <<"0.0.0.0">>}) of
+            case trust_dist_nif:start(Options#{ip := <<"0.0.0.0">>}, Policy, Assertions) of
                 {ok, Carrier} -> {ok, Carrier, {0, 0, 0, 0}};
                 Error -> Error
             end;
         Error -> Error
     end;
-start_carrier(Options, Ip) ->
-    case trust_dist_nif:start(Options) of
+start_carrier(Options, {Policy, Assertions}, Ip) ->
+    case trust_dist_nif:start(Options, Policy, Assertions) of
         {ok, Carrier} -> {ok, Carrier, Ip};
         Error -> Error
     end.
@@ -134,6 +136,9 @@ handle_cast({register_link, Node, Ctrl, Link, Info}, State) ->
     ets:insert(?TABLE, {Ctrl, Node, Link, Info}),
     {noreply, State}.
 
+handle_info({trust_dist_denied, Report}, State) ->
+    trust_dist_log:denied(Report),
+    {noreply, State};
 handle_info({trust_dist_log, Level, Message}, State) ->
     trust_dist_log:log(Level, "~ts", [Message]),
     {noreply, State};

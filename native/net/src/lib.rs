@@ -13,13 +13,13 @@
 mod link;
 mod tls;
 
-pub use link::{Link, LinkEvents, LinkStats, PeerInfo};
+pub use link::{DenialReport, Link, LinkEvents, LinkStats, PeerInfo};
 pub use tls::ALPN;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use trust_dist_proto::{Certificate, PublicKey, SecretKey, TierOrder};
+use trust_dist_proto::{AtomTable, Certificate, Policy, PublicKey, SecretKey, TierOrder};
 
 /// How loud a log line is; mapped onto `logger` levels by the NIF.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,12 @@ pub enum Level {
 /// Where the transport's log lines go.
 pub trait Log: Send + Sync + 'static {
     fn log(&self, level: Level, message: String);
+
+    /// A packet from a lower tier was refused (or, in audit mode, would have been).
+    /// Reports are already rate limited per link.
+    fn denied(&self, report: DenialReport) {
+        self.log(Level::Warning, report.to_string());
+    }
 }
 
 /// Receives links accepted from peers that passed every identity check.
@@ -51,6 +57,10 @@ pub struct NodeIdentity {
     pub certificate: Certificate,
     pub authorities: Vec<PublicKey>,
     pub tiers: TierOrder,
+    /// What each lower tier may do to this node.
+    pub policy: Policy,
+    /// The VM's atom table, asked whether an atom from a lower tier already exists.
+    pub atoms: Arc<dyn AtomTable + Send + Sync>,
 }
 
 impl NodeIdentity {

@@ -13,9 +13,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
+use trust_dist_proto::filter::{Counters, Decision, LinkFilter, NodeId, Verdict};
 use trust_dist_proto::frame::{self, FrameDecoder};
 use trust_dist_proto::handshake::{self, FrameBudget, NameGuard, Side, MAX_HANDSHAKE_FRAME};
-use trust_dist_proto::link::{decide, LinkMode, LinkState, Verdict};
+use trust_dist_proto::link::LinkMode;
 use trust_dist_proto::CertificateBody;
 
 /// QUIC application error codes used when closing a link.
@@ -42,6 +43,44 @@ pub trait LinkEvents: Send + Sync + 'static {
     fn writable(&self) -> bool;
     /// The link is gone; `reason` says why.
     fn closed(&self, reason: &str);
+}
+
+/// One refused packet from a lower tier, for the log.
+#[derive(Debug, Clone)]
+pub struct DenialReport {
+    pub peer: String,
+    pub tier: String,
+    pub op: &'static str,
+    pub reason: &'static str,
+    /// `dropped`, `answered`, `closed` or `audited` (delivered anyway).
+    pub outcome: &'static str,
+    pub detail: String,
+    /// Refusals on this link not reported since the previous report.
+    pub suppressed: u64,
+}
+
+impl std::fmt::Display for DenialReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "refused {} from {} (tier {}): {} ({}), {}",
+            self.op, self.peer, self.tier, self.reason, self.detail, self.outcome
+        )?;
+        if self.suppressed > 0 {
+            write!(f, "; {} earlier refusals not logged", self.suppressed)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reports per link and window, beyond which refusals are only counted.
+const DENIALS_PER_WINDOW: u32 = 10;
+const DENIAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+struct DenialLimit {
+    window_start: std::time::Instant,
+    reported: u32,
+    suppressed: u64,
 }
 
 /// Who the peer is, as its verified certificate states.
@@ -82,7 +121,7 @@ struct Credit {
 
 enum ReaderCommand {
     RequestHandshakeFrame,
-    StartData(LinkState),
+    StartData,
 }
 
 struct Shared {
@@ -97,6 +136,14 @@ struct Shared {
     close_reason: Mutex<Option<String>>,
     credit: Credit,
     peer_name: Mutex<Option<handshake::NameMessage>>,
+    /// The filter of a restricted link, from the start of the data phase. Shared by the
+    /// reader (which judges the peer's packets) and the writer (which records what this
+    /// node hands out before the peer can see it).
+    filter: Mutex<Option<LinkFilter>>,
+    denials: Mutex<DenialLimit>,
+    /// Where the filter's answers go; weak, so that the writer still ends when the
+    /// link's handle is dropped.
+    answers: mpsc::WeakUnboundedSender<Outgoing>,
 }
 
 impl Shared {
@@ -180,18 +227,45 @@ impl Link {
     }
 
     /// The distribution handshake is over: from now on packets flow in batches, under
-    /// credit, and each passes the link's policy decision.
+    /// credit. On a restricted link each packet passes the link's filter, which needs
+    /// this node as pids name it (`local`) and its system processes when the link starts.
     ///
-    /// Returns false if the link has already ended.
-    pub fn start_data(&self) -> bool {
-        let name = self.peer_name();
-        let state = LinkState {
-            mode: self.shared.peer.mode,
-            peer_node: name.as_ref().map(|n| n.name.clone()).unwrap_or_default(),
-            peer_tier: self.shared.peer.certificate.tier.clone(),
-            peer_creation: name.map(|n| n.creation).unwrap_or(0),
-        };
-        self.reader.send(ReaderCommand::StartData(state)).is_ok() && !self.is_closed()
+    /// Returns false if the link has already ended, or if the peer's handshake name was
+    /// never seen (then the link is closed: a filter without the peer's identity cannot
+    /// check senders).
+    pub fn start_data(
+        &self,
+        local: NodeId,
+        system: Vec<(String, trust_dist_proto::etf::PidKey)>,
+    ) -> bool {
+        if self.shared.peer.mode == LinkMode::Restricted {
+            let Some(name) = self.peer_name() else {
+                self.shared
+                    .close(CLOSE_PROTOCOL, "data phase before the peer named itself");
+                return false;
+            };
+            let peer = NodeId {
+                name: name.name,
+                creation: name.creation,
+            };
+            let policy = self
+                .shared
+                .carrier
+                .identity
+                .policy
+                .for_tier(&self.shared.peer.certificate.tier);
+            let filter = LinkFilter::new(local, peer, policy, system);
+            if let Ok(mut slot) = self.shared.filter.lock() {
+                *slot = Some(filter);
+            }
+        }
+        self.reader.send(ReaderCommand::StartData).is_ok() && !self.is_closed()
+    }
+
+    /// The filter's counters of a restricted link, by operation and outcome.
+    pub fn filter_counters(&self) -> Option<Counters> {
+        let guard = self.shared.filter.lock().ok()?;
+        Some(guard.as_ref()?.counters().clone())
     }
 
     /// Returns credit for `bytes` of packets the VM has taken.
@@ -294,6 +368,15 @@ impl Deframer {
     /// Bytes of a frame still being received.
     fn partial_bytes(&self) -> usize {
         self.decoder.buffered()
+    }
+
+    /// From now on, data frames longer than `len` are dropped unbuffered.
+    fn discard_above(&mut self, len: u32) {
+        self.decoder.set_discard_above(len);
+    }
+
+    fn take_discarded(&mut self) -> Vec<usize> {
+        self.decoder.take_discarded()
     }
 }
 
@@ -398,6 +481,22 @@ pub(crate) async fn accept<A: Acceptor>(
             .map_err(|e| fail(&connection, format!("no hello from peer: {e}")))?;
         let hello = pending.pop_front().unwrap_or_default();
         let peer = check_peer(&carrier, &connection, &hello).map_err(|e| fail(&connection, e))?;
+        if peer.mode == LinkMode::Restricted
+            && !carrier
+                .identity
+                .policy
+                .for_tier(&peer.certificate.tier)
+                .connect
+        {
+            return Err(fail(
+                &connection,
+                format!(
+                    "{} ({}) is of lower tier {} and may not open connections to this node \
+                     (policy option connect is false for that tier)",
+                    peer.certificate.node, peer.fingerprint, peer.certificate.tier
+                ),
+            ));
+        }
         let mut ours = Vec::new();
         write_frame(
             &mut ours,
@@ -535,7 +634,9 @@ fn spawn_link(
     pending: VecDeque<Vec<u8>>,
     guard: NameGuard,
 ) -> Link {
+    let (writer_tx, writer_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
+        answers: writer_tx.downgrade(),
         carrier,
         connection: connection.clone(),
         peer,
@@ -547,8 +648,13 @@ fn spawn_link(
         close_reason: Mutex::new(None),
         credit: Credit::default(),
         peer_name: Mutex::new(guard.peer().cloned()),
+        filter: Mutex::new(None),
+        denials: Mutex::new(DenialLimit {
+            window_start: std::time::Instant::now(),
+            reported: 0,
+            suppressed: 0,
+        }),
     });
-    let (writer_tx, writer_rx) = mpsc::unbounded_channel();
     let (tick_tx, tick_rx) = mpsc::unbounded_channel();
     let (reader_tx, reader_rx) = mpsc::unbounded_channel();
     tokio::spawn(writer(shared.clone(), send, writer_rx));
@@ -570,6 +676,9 @@ fn spawn_link(
 /// What the writer task is asked to do, in order.
 enum Outgoing {
     Frames(Bytes),
+    /// A packet the filter writes itself (an answer to a refused request): not observed
+    /// as a grant.
+    Answer(Bytes),
     /// Finish the stream, wait for the peer to have it all, then close the connection.
     Close(String),
 }
@@ -582,14 +691,19 @@ async fn writer(
     let mut batch: Vec<Bytes> = Vec::with_capacity(64);
     while let Some(first) = rx.recv().await {
         let mut closing = None;
-        match first {
-            Outgoing::Frames(frames) => batch.push(frames),
-            Outgoing::Close(reason) => closing = Some(reason),
-        }
+        let take = |item: Outgoing, batch: &mut Vec<Bytes>, closing: &mut Option<String>| match item
+        {
+            Outgoing::Frames(frames) => {
+                observe_outgoing(&shared, &frames);
+                batch.push(frames);
+            }
+            Outgoing::Answer(frame) => batch.push(frame),
+            Outgoing::Close(reason) => *closing = Some(reason),
+        };
+        take(first, &mut batch, &mut closing);
         while batch.len() < 64 && closing.is_none() {
             match rx.try_recv() {
-                Ok(Outgoing::Frames(more)) => batch.push(more),
-                Ok(Outgoing::Close(reason)) => closing = Some(reason),
+                Ok(item) => take(item, &mut batch, &mut closing),
                 Err(_) => break,
             }
         }
@@ -655,6 +769,148 @@ async fn tick_reader(shared: Arc<Shared>) {
     }
 }
 
+/// Records what the VM's outgoing packets hand to a restricted peer, before they are
+/// written. `frames` is whole frames, each with its length prefix.
+fn observe_outgoing(shared: &Shared, frames: &[u8]) {
+    if shared.peer.mode != LinkMode::Restricted {
+        return;
+    }
+    let Ok(mut guard) = shared.filter.lock() else {
+        return;
+    };
+    let Some(filter) = guard.as_mut() else {
+        return;
+    };
+    let mut rest = frames;
+    while rest.len() >= frame::HEADER_BYTES {
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let Some(body) = rest.get(frame::HEADER_BYTES..frame::HEADER_BYTES + len) else {
+            return;
+        };
+        if !body.is_empty() {
+            filter.observe_outgoing(body);
+        }
+        rest = &rest[frame::HEADER_BYTES + len..];
+    }
+}
+
+/// What the reader does with one packet of the peer.
+enum Judged {
+    Deliver(Vec<u8>),
+    Skip,
+    Close(String),
+}
+
+/// Runs a packet through the link's filter (restricted links only) and carries out the
+/// verdict's side effects: counting, the rate-limited report, the answer.
+fn judge(shared: &Shared, packet: Vec<u8>) -> Judged {
+    if shared.peer.mode != LinkMode::Restricted {
+        return Judged::Deliver(packet);
+    }
+    let decision = {
+        let Ok(mut guard) = shared.filter.lock() else {
+            return Judged::Close("link filter state lost".into());
+        };
+        match guard.as_mut() {
+            Some(filter) => filter.decide(&packet, &*shared.carrier.identity.atoms),
+            None => return Judged::Close("restricted link without its filter".into()),
+        }
+    };
+    settle(shared, decision, packet)
+}
+
+fn settle(shared: &Shared, decision: Decision, packet: Vec<u8>) -> Judged {
+    if decision.is_refusal() {
+        report_denial(shared, &decision);
+    }
+    match decision.verdict {
+        Verdict::Deliver => Judged::Deliver(packet),
+        Verdict::DeliverRewritten(bytes) => Judged::Deliver(bytes),
+        Verdict::Drop => {
+            shared.stats.dropped_in.fetch_add(1, Ordering::Relaxed);
+            Judged::Skip
+        }
+        Verdict::Answer(answer) => {
+            shared.stats.dropped_in.fetch_add(1, Ordering::Relaxed);
+            send_answer(shared, answer);
+            Judged::Skip
+        }
+        Verdict::Close => Judged::Close(format!(
+            "refused {}: {} ({})",
+            decision.op.map_or("packet", |op| op.name()),
+            decision.reason.map_or("refused", |r| r.as_str()),
+            decision.detail
+        )),
+    }
+}
+
+/// Queues an answer unless the peer is not reading what we send: answers to a flood of
+/// refused requests must not pile up here.
+fn send_answer(shared: &Shared, answer: Vec<u8>) {
+    if answer.is_empty()
+        || shared.queued.load(Ordering::SeqCst) > shared.carrier.settings.send_high_water
+    {
+        return;
+    }
+    let Some(writer) = shared.answers.upgrade() else {
+        return;
+    };
+    let mut frame = Vec::with_capacity(frame::HEADER_BYTES + answer.len());
+    write_frame(&mut frame, &answer);
+    let len = frame.len();
+    shared.queued.fetch_add(len, Ordering::SeqCst);
+    if writer.send(Outgoing::Answer(Bytes::from(frame))).is_err() {
+        shared.queued.fetch_sub(len, Ordering::SeqCst);
+    }
+}
+
+fn report_denial(shared: &Shared, decision: &Decision) {
+    let Ok(mut limit) = shared.denials.lock() else {
+        return;
+    };
+    let now = std::time::Instant::now();
+    if now.duration_since(limit.window_start) >= DENIAL_WINDOW {
+        limit.window_start = now;
+        limit.reported = 0;
+    }
+    if limit.reported >= DENIALS_PER_WINDOW {
+        limit.suppressed += 1;
+        return;
+    }
+    limit.reported += 1;
+    let suppressed = std::mem::take(&mut limit.suppressed);
+    drop(limit);
+    let peer = shared
+        .peer_name
+        .lock()
+        .ok()
+        .and_then(|n| n.as_ref().map(|n| n.name.clone()))
+        .unwrap_or_else(|| shared.peer.certificate.node.clone());
+    shared.carrier.log.denied(DenialReport {
+        peer,
+        tier: shared.peer.certificate.tier.clone(),
+        op: decision.op.map_or("packet", |op| op.name()),
+        reason: decision.reason.map_or("refused", |r| r.as_str()),
+        outcome: decision.outcome().as_str(),
+        detail: decision.detail.clone(),
+        suppressed,
+    });
+}
+
+/// Frames the deframer threw away for exceeding the restricted peer's message limit.
+fn discarded(shared: &Shared, lengths: Vec<usize>) {
+    for len in lengths {
+        let decision = match shared.filter.lock() {
+            Ok(mut guard) => match guard.as_mut() {
+                Some(filter) => filter.record_oversized(len),
+                None => continue,
+            },
+            Err(_) => continue,
+        };
+        settle(shared, decision, Vec::new());
+    }
+}
+
 /// Runs until the link ends and returns the close code and reason.
 async fn reader(
     shared: &Shared,
@@ -665,7 +921,8 @@ async fn reader(
     mut guard: NameGuard,
 ) -> (u32, String) {
     let credit = shared.carrier.settings.recv_credit;
-    let mut link: Option<LinkState> = None;
+    // Some(()) once the data phase has started.
+    let mut link: Option<()> = None;
     let mut requested = 0usize;
     let outstanding = || shared.credit.outstanding.load(Ordering::SeqCst);
     // On the accepting side the first frame was checked before the link was reported;
@@ -710,7 +967,7 @@ async fn reader(
                     }
                 }
             }
-            Some(state) => {
+            Some(()) => {
                 if outstanding() < credit && !pending.is_empty() {
                     let mut batch = Vec::with_capacity(pending.len().min(MAX_BATCH));
                     let mut taken = 0usize;
@@ -718,16 +975,18 @@ async fn reader(
                         let Some(packet) = pending.pop_front() else {
                             break;
                         };
-                        match decide(state, &packet) {
-                            Verdict::Deliver => {
+                        match judge(shared, packet) {
+                            Judged::Deliver(packet) => {
                                 taken += packet.len();
                                 batch.push(packet);
                             }
-                            Verdict::Drop(_) => {
-                                shared.stats.dropped_in.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Verdict::Close(why) => {
-                                return (CLOSE_PROTOCOL, why.into());
+                            Judged::Skip => {}
+                            Judged::Close(why) => {
+                                // What was judged deliverable before still goes up.
+                                if !batch.is_empty() {
+                                    shared.events.packets(batch);
+                                }
+                                return (CLOSE_PROTOCOL, why);
                             }
                         }
                     }
@@ -755,15 +1014,13 @@ async fn reader(
             match &link {
                 None if pending.is_empty() => return (*code, reason.clone()),
                 None => {}
-                Some(state) => {
+                Some(()) => {
                     let mut batch = Vec::with_capacity(pending.len());
                     for packet in pending.drain(..) {
-                        match decide(state, &packet) {
-                            Verdict::Deliver => batch.push(packet),
-                            Verdict::Drop(_) => {
-                                shared.stats.dropped_in.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Verdict::Close(_) => break,
+                        match judge(shared, packet) {
+                            Judged::Deliver(packet) => batch.push(packet),
+                            Judged::Skip => {}
+                            Judged::Close(_) => break,
                         }
                     }
                     shared
@@ -806,7 +1063,13 @@ async fn reader(
             command = commands.recv() => match command {
                 None => return (CLOSE_NORMAL, "link released".into()),
                 Some(ReaderCommand::RequestHandshakeFrame) => requested += 1,
-                Some(ReaderCommand::StartData(state)) => link = Some(state),
+                Some(ReaderCommand::StartData) => {
+                    if let Ok(Some(filter)) = shared.filter.lock().as_deref() {
+                        let limit = u32::try_from(filter.policy().max_message_size).unwrap_or(u32::MAX);
+                        decoder.discard_above(limit);
+                    }
+                    link = Some(());
+                }
             },
             _ = shared.credit.returned.notified(), if starved => {}
             chunk = recv.read_chunk(READ_CHUNK, true), if want_read => match chunk {
@@ -814,6 +1077,10 @@ async fn reader(
                     shared.stats.bytes_in.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
                     if let Err(e) = decoder.decode(&chunk.bytes, &mut frames) {
                         return (CLOSE_PROTOCOL, e.to_string());
+                    }
+                    let thrown = decoder.take_discarded();
+                    if !thrown.is_empty() {
+                        discarded(shared, thrown);
                     }
                     for frame in frames.drain(..) {
                         if frame.is_empty() {

@@ -15,7 +15,10 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use trust_dist_proto::handshake::{encode_hello, DFLAG_NAME_ME, MAX_HANDSHAKE_FRAME};
-use trust_dist_proto::{Certificate, CertificateBody, KeyId, PublicKey, SecretKey, TierOrder};
+use trust_dist_proto::{
+    AtomTable, Certificate, CertificateBody, KeyId, NodeId, Policy, PublicKey, SecretKey,
+    TierOrder, TierPolicy,
+};
 
 /// The longest any single expected event may take.
 const WAIT: Duration = Duration::from_secs(10);
@@ -298,6 +301,35 @@ fn settings() -> Settings {
     }
 }
 
+fn node_id(name: &str, creation: u32) -> NodeId {
+    NodeId {
+        name: name.into(),
+        creation,
+    }
+}
+
+/// Every tier may dial every other: these tests are about the transport, not the policy.
+fn permissive_policy() -> Policy {
+    let all = TierPolicy {
+        connect: true,
+        ..TierPolicy::default()
+    };
+    Policy::new(
+        ["admin", "worker", "edge"]
+            .iter()
+            .map(|t| (t.to_string(), all.clone()))
+            .collect(),
+    )
+    .unwrap()
+}
+
+struct AllAtomsExist;
+impl AtomTable for AllAtomsExist {
+    fn exists(&self, _: trust_dist_proto::etf::Atom<'_>) -> bool {
+        true
+    }
+}
+
 fn tiers() -> TierOrder {
     TierOrder::new(vec!["admin".into(), "worker".into(), "edge".into()]).unwrap()
 }
@@ -340,6 +372,8 @@ impl Authority {
             certificate,
             authorities: vec![self.public()],
             tiers: tiers(),
+            policy: permissive_policy(),
+            atoms: Arc::new(AllAtomsExist),
         }
     }
 }
@@ -427,8 +461,8 @@ fn link_up(a: &Node, b: &Node, a_name: &str, b_name: &str) -> (End, End) {
     assert!(b_end.send(&[&ack]));
     assert_eq!(a_end.handshake_frame(), ack);
 
-    a_end.link.start_data();
-    b_end.link.start_data();
+    a_end.link.start_data(node_id(a_name, 7), Vec::new());
+    b_end.link.start_data(node_id(b_name, 9), Vec::new());
     (a_end, b_end)
 }
 
@@ -537,11 +571,13 @@ fn verified_link_carries_the_handshake_and_reports_both_identities() {
     assert_eq!((b_name.name.as_str(), b_name.creation), (B, 9));
     assert_eq!(b_name.challenge, Some(0x1234_5678));
 
-    // First data packets in each direction after the handshake.
+    // Data flows down untouched; a packet from below that is not distribution data
+    // ends the link on the restricted side, with the reason.
     assert!(a_end.send(&[b"from a"]));
-    assert!(b_end.send(&[b"from b"]));
     assert_eq!(b_end.receive(1), vec![b"from a".to_vec()]);
-    assert_eq!(a_end.receive(1), vec![b"from b".to_vec()]);
+    assert!(b_end.send(&[b"from b"]));
+    let why = a_end.closed();
+    assert!(why.contains("refused packet: malformed"), "{why}");
 }
 
 #[test]
@@ -832,6 +868,8 @@ fn refuses_an_expired_certificate() {
             certificate,
             authorities: vec![authority.public()],
             tiers: tiers(),
+            policy: permissive_policy(),
+            atoms: Arc::new(AllAtomsExist),
         },
         settings(),
     );
@@ -937,6 +975,8 @@ fn refuses_a_tampered_certificate() {
                 certificate,
                 authorities: vec![authority.public()],
                 tiers: tiers(),
+                policy: permissive_policy(),
+                atoms: Arc::new(AllAtomsExist),
             },
             settings(),
         );
@@ -962,6 +1002,8 @@ fn refuses_another_nodes_certificate_on_its_own_key() {
             certificate: stolen.clone(),
             authorities: vec![authority.public()],
             tiers: tiers(),
+            policy: permissive_policy(),
+            atoms: Arc::new(AllAtomsExist),
         },
         settings(),
     );
@@ -1017,6 +1059,8 @@ fn connecting_side_verifies_the_servers_certificate() {
                 certificate,
                 authorities: vec![authority.public()],
                 tiers: tiers(),
+                policy: permissive_policy(),
+                atoms: Arc::new(AllAtomsExist),
             },
             settings(),
         );

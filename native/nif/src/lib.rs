@@ -11,9 +11,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use trust_dist_net::{
-    Acceptor, Carrier, Level, Link, LinkEvents, Log, NodeIdentity, PeerInfo, Settings,
+    Acceptor, Carrier, DenialReport, Level, Link, LinkEvents, Log, NodeIdentity, PeerInfo, Settings,
 };
-use trust_dist_proto::{Certificate, PublicKey, SecretKey, TierOrder};
+use trust_dist_proto::etf::{self, Atom, PidKey, Term as Etf};
+use trust_dist_proto::{
+    Assertion, AtomTable, Capability, Certificate, NodeId, Policy, PublicKey, SecretKey, TierOrder,
+    TierPolicy,
+};
 
 mod atoms {
     rustler::atoms! {
@@ -24,6 +28,8 @@ mod atoms {
         certified_as, tier, fingerprint, mode, cross_tier, address, serial, not_after, issuer, full, restricted,
         bytes_in, bytes_out, packets_in, packets_out, queued, ticks_in, ticks_out, dropped_in,
         identity, certificate, authorities, tiers, listen, node_name, runtime,
+        policy, assertions, counters, denied, trust_dist_denied,
+        peer, op, reason, outcome, detail, suppressed,
     }
 }
 
@@ -143,7 +149,50 @@ struct BeamLog {
     pid: LocalPid,
 }
 
+/// The VM's atom table, asked from the transport thread whether an atom a lower tier
+/// sent already exists. Only looks: it never creates one.
+///
+/// The lookup the NIF API offers on every supported OTP version takes Latin-1 text, so
+/// an atom with characters beyond Latin-1 cannot be checked and counts as new: a lower
+/// tier cannot send such atoms (UTF-8 lookup needs NIF 2.17, which OTP 25 lacks).
+struct VmAtoms;
+
+thread_local! {
+    static LOOKUP_ENV: OwnedEnv = OwnedEnv::new();
+}
+
+impl AtomTable for VmAtoms {
+    fn exists(&self, atom: Atom<'_>) -> bool {
+        let Some(latin1) = atom.to_latin1() else {
+            return false;
+        };
+        LOOKUP_ENV.with(|owned| {
+            owned.run(|env| matches!(rustler::Atom::try_from_bytes(env, &latin1), Ok(Some(_))))
+        })
+    }
+}
+
 impl Log for BeamLog {
+    fn denied(&self, report: DenialReport) {
+        send_to(Some(self.pid), |env| {
+            let pairs: Vec<(Term, Term)> = vec![
+                (atoms::peer().encode(env), report.peer.encode(env)),
+                (atoms::tier().encode(env), report.tier.encode(env)),
+                (atoms::op().encode(env), report.op.encode(env)),
+                (atoms::reason().encode(env), report.reason.encode(env)),
+                (atoms::outcome().encode(env), report.outcome.encode(env)),
+                (atoms::detail().encode(env), report.detail.encode(env)),
+                (
+                    atoms::suppressed().encode(env),
+                    report.suppressed.encode(env),
+                ),
+            ];
+            let map =
+                Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env));
+            (atoms::trust_dist_denied(), map).encode(env)
+        });
+    }
+
     fn log(&self, level: Level, message: String) {
         let level = match level {
             Level::Debug => atoms::debug(),
@@ -199,10 +248,7 @@ fn peer_info<'a>(env: Env<'a>, peer: &PeerInfo) -> Term<'a> {
             peer.fingerprint.encode(env),
         ),
         (atoms::mode().encode(env), mode.encode(env)),
-        (
-            atoms::cross_tier().encode(env),
-            peer.cross_tier.encode(env),
-        ),
+        (atoms::cross_tier().encode(env), peer.cross_tier.encode(env)),
         (
             atoms::address().encode(env),
             address_term(env, peer.address),
@@ -269,6 +315,7 @@ fn load_identity(
     authority_paths: &[String],
     tiers: Vec<String>,
     node_name: &str,
+    trust: Trust,
 ) -> Result<NodeIdentity, ConfigError> {
     check_key_permissions(key_path)?;
     let secret = SecretKey::from_pkcs8_pem(&read_text(atoms::identity(), key_path)?)
@@ -324,11 +371,117 @@ fn load_identity(
             ),
         ));
     }
+    let policy = build_policy(&tiers, trust.policy)?;
+    for assertion in trust.assertions {
+        let assertion = build_assertion(assertion)?;
+        trust_dist_proto::filter::check_assertion(&assertion, &policy, &tiers, &body.tier)
+            .map_err(|e| (atoms::assertions(), e))?;
+    }
     Ok(NodeIdentity {
         secret,
         certificate,
         authorities,
         tiers,
+        policy,
+        atoms: Arc::new(VmAtoms),
+    })
+}
+
+/// One tier's policy as trust_dist_config validated it: `{Tier, #{Option => Value}}`
+/// with names as binaries; options left out take the defaults of [`TierPolicy`].
+struct TierOptions {
+    tier: String,
+    policy: TierPolicy,
+}
+
+impl<'a> rustler::Decoder<'a> for TierOptions {
+    fn decode(term: Term<'a>) -> NifResult<Self> {
+        let (tier, options): (String, Term<'a>) = term.decode()?;
+        let env = term.get_env();
+        let get = |key: &str| -> Option<Term<'a>> {
+            options
+                .map_get(rustler::Atom::from_str(env, key).ok()?.encode(env))
+                .ok()
+        };
+        let mut policy = TierPolicy::default();
+        if let Some(t) = get("registered") {
+            policy.registered = t.decode::<Vec<String>>()?.into_iter().collect();
+        }
+        if let Some(t) = get("rpc") {
+            policy.rpc = t
+                .decode::<Vec<(String, String, u32)>>()?
+                .into_iter()
+                .collect();
+        }
+        if let Some(t) = get("max_message_size") {
+            policy.max_message_size = t.decode()?;
+        }
+        if let Some(t) = get("funs") {
+            policy.funs = t.decode()?;
+        }
+        if let Some(t) = get("connect") {
+            policy.connect = t.decode()?;
+        }
+        if let Some(t) = get("audit") {
+            policy.audit = t.decode()?;
+        }
+        if let Some(t) = get("max_monitors") {
+            policy.max_monitors = t.decode()?;
+        }
+        if let Some(t) = get("max_depth") {
+            policy.max_depth = t.decode()?;
+        }
+        Ok(TierOptions { tier, policy })
+    }
+}
+
+/// `{Tier, May, Kind, Names, Number}`: an assertion as trust_dist_config normalised it.
+type AssertionTerm = (String, bool, String, Vec<String>, u64);
+
+struct Trust {
+    policy: Vec<TierOptions>,
+    assertions: Vec<AssertionTerm>,
+}
+
+fn build_policy(tiers: &TierOrder, options: Vec<TierOptions>) -> Result<Policy, ConfigError> {
+    let mut map = std::collections::BTreeMap::new();
+    for o in options {
+        if tiers.rank(&o.tier).is_none() {
+            return Err((
+                atoms::policy(),
+                format!(
+                    "has an entry for tier {}, which is not among the configured tiers {:?}",
+                    o.tier,
+                    tiers.tiers()
+                ),
+            ));
+        }
+        map.insert(o.tier, o.policy);
+    }
+    Policy::new(map).map_err(|e| (atoms::policy(), e))
+}
+
+fn build_assertion(
+    (tier, may, kind, names, number): AssertionTerm,
+) -> Result<Assertion, ConfigError> {
+    let name = |i: usize| names.get(i).cloned().unwrap_or_default();
+    let capability = match kind.as_str() {
+        "spawn" => Capability::Spawn,
+        "call" => Capability::Call(name(0), name(1), number as u32),
+        "send" => Capability::Send(name(0)),
+        "monitor" => Capability::Monitor(name(0)),
+        "connect" => Capability::Connect,
+        "exit" => Capability::Exit,
+        "link" => Capability::Link,
+        "group_leader" => Capability::GroupLeader,
+        "funs" => Capability::Funs,
+        "message_size" => Capability::MessageSize(number as usize),
+        other => return Err((atoms::assertions(), format!("unknown capability {other}"))),
+    };
+    Ok(Assertion {
+        tier,
+        may,
+        capability,
     })
 }
 
@@ -348,7 +501,12 @@ struct StartOptions {
 }
 
 #[rustler::nif]
-fn start<'a>(env: Env<'a>, options: StartOptions) -> NifResult<Term<'a>> {
+fn start<'a>(
+    env: Env<'a>,
+    options: StartOptions,
+    policy: Vec<TierOptions>,
+    assertions: Vec<AssertionTerm>,
+) -> NifResult<Term<'a>> {
     let error = |key: rustler::Atom, why: String| Ok((atoms::error(), (key, why)).encode(env));
     let identity = match load_identity(
         &options.identity,
@@ -356,6 +514,7 @@ fn start<'a>(env: Env<'a>, options: StartOptions) -> NifResult<Term<'a>> {
         &options.authorities,
         options.tiers,
         &options.node_name,
+        Trust { policy, assertions },
     ) {
         Ok(identity) => identity,
         Err((key, why)) => return error(key, why),
@@ -518,13 +677,36 @@ fn send(link: ResourceArc<LinkResource>, packets: Vec<Term>) -> NifResult<rustle
     })
 }
 
+/// A pid's identity from its external form (`term_to_binary(Pid)`).
+fn pid_from_binary(bin: &[u8]) -> Option<(String, PidKey)> {
+    let rest = bin.strip_prefix(&[etf::VERSION])?;
+    let pid = Etf::parse(rest).ok()?.0.as_pid()?;
+    Some((pid.node.to_utf8(), pid.key()))
+}
+
+/// Starts the data phase. `me` is `term_to_binary(self())` (this node's name and
+/// creation as pids carry them); `system` is `[{Name, term_to_binary(Pid)}]` for the
+/// system processes running now.
 #[rustler::nif]
-fn start_data(link: ResourceArc<LinkResource>) -> rustler::Atom {
-    if link.link.start_data() {
+fn start_data(
+    link: ResourceArc<LinkResource>,
+    me: Binary,
+    system: Vec<(String, Binary)>,
+) -> NifResult<rustler::Atom> {
+    let (name, me) = pid_from_binary(me.as_slice()).ok_or(rustler::Error::BadArg)?;
+    let local = NodeId {
+        name,
+        creation: me.creation,
+    };
+    let system = system
+        .iter()
+        .filter_map(|(name, pid)| Some((name.clone(), pid_from_binary(pid.as_slice())?.1)))
+        .collect();
+    Ok(if link.link.start_data(local, system) {
         atoms::ok()
     } else {
         atoms::closed()
-    }
+    })
 }
 
 #[rustler::nif]
@@ -592,6 +774,28 @@ fn stats<'a>(env: Env<'a>, link: ResourceArc<LinkResource>) -> NifResult<Term<'a
             link.link.queued_bytes().encode(env),
         ),
     ];
+    let mut pairs = pairs;
+    if let Some(counters) = link.link.filter_counters() {
+        let (entries, refused) = (counters.entries(), counters.refused());
+        // #{Op => #{Outcome => Count}}, names as binaries (the Erlang side makes atoms of
+        // this fixed vocabulary).
+        let mut by_op: std::collections::BTreeMap<&str, Vec<(Term, Term)>> = Default::default();
+        for (op, outcome, n) in entries {
+            by_op
+                .entry(op)
+                .or_default()
+                .push((outcome.as_str().encode(env), n.encode(env)));
+        }
+        let mut ops = Vec::new();
+        for (op, outcomes) in by_op {
+            ops.push((op.encode(env), Term::map_from_pairs(env, &outcomes)?));
+        }
+        pairs.push((
+            atoms::counters().encode(env),
+            Term::map_from_pairs(env, &ops)?,
+        ));
+        pairs.push((atoms::denied().encode(env), refused.encode(env)));
+    }
     Term::map_from_pairs(env, &pairs)
 }
 
@@ -604,6 +808,33 @@ fn peer<'a>(env: Env<'a>, link: ResourceArc<LinkResource>) -> Term<'a> {
 fn close(link: ResourceArc<LinkResource>, reason: String) -> rustler::Atom {
     link.link.close(&reason);
     atoms::ok()
+}
+
+/// OTP's system processes, by name: the filter's list, so that the Erlang side finds
+/// their pids for it.
+#[rustler::nif]
+fn system_process_names(env: Env) -> Vec<rustler::Atom> {
+    trust_dist_proto::policy::SYSTEM_PROCESS_NAMES
+        .iter()
+        .filter_map(|name| rustler::Atom::from_str(env, name).ok())
+        .collect()
+}
+
+/// Every name the filter reports (operations, outcomes, reasons), as atoms. Called once
+/// when the carrier starts, so that reports and counters never create an atom later:
+/// a lower tier's traffic must not move this node's atom count at all.
+#[rustler::nif]
+fn vocabulary(env: Env) -> Vec<rustler::Atom> {
+    use trust_dist_proto::control::Op;
+    use trust_dist_proto::filter::{Outcome, Reason};
+    Op::ALL
+        .iter()
+        .map(|op| op.name())
+        .chain(Outcome::ALL.iter().map(|o| o.as_str()))
+        .chain(Reason::ALL.iter().map(|r| r.as_str()))
+        .chain(["undecodable", "packet", "refused"])
+        .filter_map(|name| rustler::Atom::from_str(env, name).ok())
+        .collect()
 }
 
 rustler::init!("trust_dist_nif");

@@ -31,6 +31,11 @@ pub struct FrameDecoder {
     body: Vec<u8>,
     body_len: usize,
     in_body: bool,
+    /// Frames longer than this (and within `max_len`) are skipped as they arrive, never
+    /// buffered; see [`FrameDecoder::set_discard_above`].
+    discard_above: u32,
+    skip_left: usize,
+    discarded: Vec<usize>,
 }
 
 impl FrameDecoder {
@@ -42,7 +47,23 @@ impl FrameDecoder {
             body: Vec::new(),
             body_len: 0,
             in_body: false,
+            discard_above: u32::MAX,
+            skip_left: 0,
+            discarded: Vec::new(),
         }
+    }
+
+    /// Frames longer than `len` bytes are dropped without being buffered: their bytes
+    /// are consumed and thrown away as they arrive, and their lengths are reported by
+    /// [`FrameDecoder::take_discarded`]. A frame too large for a message limit then costs
+    /// the link nothing but the bandwidth.
+    pub fn set_discard_above(&mut self, len: u32) {
+        self.discard_above = len;
+    }
+
+    /// Lengths of the frames discarded since the last call.
+    pub fn take_discarded(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.discarded)
     }
 
     /// Lowers or raises the limit for frames whose header has not been read yet.
@@ -61,13 +82,18 @@ impl FrameDecoder {
 
     /// True when no partial frame is buffered.
     pub fn is_idle(&self) -> bool {
-        self.header_filled == 0 && !self.in_body
+        self.header_filled == 0 && !self.in_body && self.skip_left == 0
     }
 
     /// Consumes bytes from `input`, returning how many were used and a frame if one was
     /// completed. Call again with the rest of `input` until it is used up.
     pub fn decode(&mut self, input: &[u8]) -> Result<(usize, Option<Vec<u8>>), FrameError> {
         let mut used = 0;
+        if self.skip_left > 0 {
+            let take = self.skip_left.min(input.len());
+            self.skip_left -= take;
+            return Ok((take, None));
+        }
         if !self.in_body {
             let take = (HEADER_BYTES - self.header_filled).min(input.len());
             self.header[self.header_filled..self.header_filled + take]
@@ -85,6 +111,11 @@ impl FrameDecoder {
                 });
             }
             self.header_filled = 0;
+            if len > self.discard_above {
+                self.discarded.push(len as usize);
+                self.skip_left = len as usize;
+                return Ok((used, None));
+            }
             self.body_len = len as usize;
             self.body = Vec::with_capacity(self.body_len.min(INITIAL_RESERVE));
             self.in_body = true;
@@ -128,6 +159,22 @@ mod tests {
             out.extend_from_slice(f);
         }
         out
+    }
+
+    #[test]
+    fn frames_over_the_discard_limit_are_skipped_unbuffered() {
+        let mut d = FrameDecoder::new(1 << 20);
+        d.set_discard_above(8);
+        let input = encode(&[vec![1; 4], vec![2; 100_000], vec![3; 8]]);
+        let mut out = Vec::new();
+        for chunk in input.chunks(1000) {
+            d.decode_all(chunk, &mut out)
+                .expect("within the hard limit");
+            assert!(d.buffered() <= 8, "a discarded frame is never buffered");
+        }
+        assert_eq!(out, vec![vec![1; 4], vec![3; 8]]);
+        assert_eq!(d.take_discarded(), vec![100_000]);
+        assert!(d.is_idle());
     }
 
     #[test]

@@ -9,11 +9,17 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod cert;
+pub mod control;
+pub mod etf;
+pub mod filter;
 pub mod frame;
 pub mod handshake;
 pub mod identity;
 pub mod link;
+pub mod policy;
 
 pub use cert::{CertError, Certificate, CertificateBody};
+pub use filter::{AtomTable, Decision, LinkFilter, NodeId, Reason, Verdict};
 pub use identity::{KeyError, KeyId, PublicKey, SecretKey};
-pub use link::{LinkMode, LinkState, TierOrder, Verdict};
+pub use link::{LinkMode, TierOrder};
+pub use policy::{Assertion, Capability, Policy, TierPolicy};

@@ -2,8 +2,8 @@
 //! sends on an established link.
 //!
 //! A link is *full* when the peer's tier is at least ours (ordinary distribution) and
-//! *restricted* when it is below. The decision for every incoming packet is made by
-//! [`decide`]; the transport calls it for each packet and acts on its [`Verdict`].
+//! *restricted* when it is below. Full links pass packets untouched; every packet of a
+//! restricted link is judged by [`crate::filter::LinkFilter::decide`].
 
 /// Tiers in their configured order, highest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,38 +60,6 @@ impl LinkMode {
             LinkMode::Full => "full",
             LinkMode::Restricted => "restricted",
         }
-    }
-}
-
-/// What the receive path knows about a link when it decides on a packet.
-#[derive(Debug, Clone)]
-pub struct LinkState {
-    pub mode: LinkMode,
-    pub peer_node: String,
-    pub peer_tier: String,
-    pub peer_creation: u32,
-}
-
-/// What happens to one incoming packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Hand it to the VM unchanged.
-    Deliver,
-    /// Drop it; the reason is counted and logged.
-    Drop(&'static str),
-    /// End the link; the reason is logged.
-    Close(&'static str),
-}
-
-/// The per-packet decision for an established link.
-///
-/// Full links pass every packet untouched without looking at it. Restricted links are
-/// also delivered unchanged in this version: control-message decoding and the tier policy
-/// take their place here, and nowhere else, when directional filtering lands.
-#[inline]
-pub fn decide(link: &LinkState, _packet: &[u8]) -> Verdict {
-    match link.mode {
-        LinkMode::Full | LinkMode::Restricted => Verdict::Deliver,
     }
 }
 

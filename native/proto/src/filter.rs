@@ -1,0 +1,1521 @@
+//! The filter of a restricted link: what a lower-tier peer may do to this node, decided
+//! packet by packet by [`LinkFilter::decide`], with the bookkeeping that makes "answer
+//! only" precise — what this node handed to the peer (capabilities), and the links,
+//! monitors and spawn requests this node created on the link.
+//!
+//! Everything the peer sends is decoded here and nowhere else. Outgoing packets are
+//! observed by [`LinkFilter::observe_outgoing`] before they are written, so a grant is
+//! always recorded before the peer can use it.
+//!
+//! # Memory bound
+//!
+//! Every table is bounded ([`Limits`]); when one is full its oldest entry is evicted.
+//! Eviction can only make the filter stricter: a reply to something long forgotten is
+//! dropped (and logged) rather than delivered. With the default limits a link's tables
+//! hold at most about 200 000 entries of at most 40 bytes each, under 8 MiB per link
+//! even counting hash-table overhead, whatever the peer does.
+
+use crate::control::{self, altact, Control, DecodeError, Op, Packet, Proc, Target};
+use crate::etf::{
+    self, Atom, FunKind, Pid, PidKey, Port, PortKey, RefKey, Reference, Term, Visitor,
+};
+use crate::policy::{Assertion, Capability, TierPolicy};
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+
+/// Tells whether an atom already exists on this node (the VM's atom table).
+pub trait AtomTable {
+    fn exists(&self, atom: Atom<'_>) -> bool;
+}
+
+/// A node as pids name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeId {
+    pub name: String,
+    pub creation: u32,
+}
+
+/// Table sizes of one link's filter.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub granted_pids: usize,
+    pub granted_refs: usize,
+    pub granted_ports: usize,
+    pub group_leaders: usize,
+    pub links: usize,
+    pub unlinks: usize,
+    pub monitors: usize,
+    pub spawns: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            granted_pids: 16_384,
+            granted_refs: 65_536,
+            granted_ports: 1_024,
+            group_leaders: 1_024,
+            links: 16_384,
+            unlinks: 4_096,
+            monitors: 65_536,
+            spawns: 16_384,
+        }
+    }
+}
+
+/// A map that forgets its oldest entry when full.
+struct Bounded<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+    cap: usize,
+}
+
+impl<K: Hash + Eq + Copy, V> Bounded<K, V> {
+    fn new(cap: usize) -> Self {
+        Bounded {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    fn insert(&mut self, key: K, value: V) {
+        if self.map.insert(key, value).is_none() {
+            self.order.push_back(key);
+        }
+        while self.map.len() > self.cap {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+        // Removed keys linger in `order`; compact before they outnumber live ones.
+        if self.order.len() > 2 * self.cap {
+            let map = &self.map;
+            self.order.retain(|k| map.contains_key(k));
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<&V> {
+        self.map.get(key)
+    }
+
+    fn contains(&self, key: &K) -> bool {
+        self.map.contains_key(key)
+    }
+
+    fn remove(&mut self, key: &K) -> Option<V> {
+        self.map.remove(key)
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// Why a packet was refused (or would have been, in audit mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Malformed,
+    UnknownOperation,
+    Oversized,
+    TooDeep,
+    SpoofedSender,
+    NewAtom,
+    Fun,
+    ThirdNodeIdentity,
+    UngrantedIdentity,
+    SpawnDenied,
+    ExitDenied,
+    GroupLeaderDenied,
+    LinkDenied,
+    ObsoleteUnlink,
+    NotGranted,
+    SystemProcess,
+    NameNotAllowed,
+    SystemMessage,
+    ForgedSignal,
+    IoRequest,
+    AdminCommand,
+    UnknownLink,
+    UnknownMonitor,
+    UnknownSpawnRequest,
+    MonitorLimit,
+    MonitorNotAllowed,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 26] = [
+        Reason::Malformed,
+        Reason::UnknownOperation,
+        Reason::Oversized,
+        Reason::TooDeep,
+        Reason::SpoofedSender,
+        Reason::NewAtom,
+        Reason::Fun,
+        Reason::ThirdNodeIdentity,
+        Reason::UngrantedIdentity,
+        Reason::SpawnDenied,
+        Reason::ExitDenied,
+        Reason::GroupLeaderDenied,
+        Reason::LinkDenied,
+        Reason::ObsoleteUnlink,
+        Reason::NotGranted,
+        Reason::SystemProcess,
+        Reason::NameNotAllowed,
+        Reason::SystemMessage,
+        Reason::ForgedSignal,
+        Reason::IoRequest,
+        Reason::AdminCommand,
+        Reason::UnknownLink,
+        Reason::UnknownMonitor,
+        Reason::UnknownSpawnRequest,
+        Reason::MonitorLimit,
+        Reason::MonitorNotAllowed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed",
+            Reason::UnknownOperation => "unknown_operation",
+            Reason::Oversized => "oversized",
+            Reason::TooDeep => "too_deep",
+            Reason::SpoofedSender => "spoofed_sender",
+            Reason::NewAtom => "new_atom",
+            Reason::Fun => "fun_refused",
+            Reason::ThirdNodeIdentity => "third_node_identity",
+            Reason::UngrantedIdentity => "ungranted_local_identity",
+            Reason::SpawnDenied => "spawn_denied",
+            Reason::ExitDenied => "exit_denied",
+            Reason::GroupLeaderDenied => "group_leader_denied",
+            Reason::LinkDenied => "link_denied",
+            Reason::ObsoleteUnlink => "obsolete_unlink",
+            Reason::NotGranted => "pid_or_alias_not_granted",
+            Reason::SystemProcess => "system_process",
+            Reason::NameNotAllowed => "name_not_allowed",
+            Reason::SystemMessage => "system_message",
+            Reason::ForgedSignal => "forged_signal_message",
+            Reason::IoRequest => "io_request",
+            Reason::AdminCommand => "admin_command",
+            Reason::UnknownLink => "unknown_link",
+            Reason::UnknownMonitor => "unknown_monitor",
+            Reason::UnknownSpawnRequest => "unknown_spawn_request",
+            Reason::MonitorLimit => "monitor_limit",
+            Reason::MonitorNotAllowed => "monitor_not_allowed",
+        }
+    }
+}
+
+/// What happens to one incoming packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Hand it to the VM unchanged.
+    Deliver,
+    /// Hand this instead: the same signal without its sequential-trace token, which a
+    /// lower tier may not plant in this node's processes.
+    DeliverRewritten(Vec<u8>),
+    /// Drop it.
+    Drop,
+    /// Drop it and send this packet back, so the peer's caller fails at once instead of
+    /// waiting forever.
+    Answer(Vec<u8>),
+    /// End the link.
+    Close,
+}
+
+/// The decision on one packet, with what the counters and the log need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub op: Option<Op>,
+    pub verdict: Verdict,
+    pub reason: Option<Reason>,
+    /// True when audit mode delivered a packet the policy refuses.
+    pub audited: bool,
+    /// More about a refusal: the name, the atom, the decode error.
+    pub detail: String,
+}
+
+/// Counter columns, by what happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered = 0,
+    Dropped = 1,
+    Answered = 2,
+    Closed = 3,
+    Audited = 4,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Delivered,
+        Outcome::Dropped,
+        Outcome::Answered,
+        Outcome::Closed,
+        Outcome::Audited,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Dropped => "dropped",
+            Outcome::Answered => "answered",
+            Outcome::Closed => "closed",
+            Outcome::Audited => "audited",
+        }
+    }
+}
+
+impl Decision {
+    pub fn outcome(&self) -> Outcome {
+        match self.verdict {
+            _ if self.audited => Outcome::Audited,
+            Verdict::Deliver | Verdict::DeliverRewritten(_) => Outcome::Delivered,
+            Verdict::Drop => Outcome::Dropped,
+            Verdict::Answer(_) => Outcome::Answered,
+            Verdict::Close => Outcome::Closed,
+        }
+    }
+
+    pub fn is_refusal(&self) -> bool {
+        self.reason.is_some()
+    }
+}
+
+/// Per-link counters: packets by operation (index = op code; 0 = undecodable) and outcome.
+#[derive(Debug, Clone)]
+pub struct Counters([[u64; 5]; 38]);
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters([[0; 5]; 38])
+    }
+}
+
+impl Counters {
+    fn add(&mut self, op: Option<Op>, outcome: Outcome) {
+        let i = op.map_or(0, |op| op as usize);
+        if let Some(row) = self.0.get_mut(i) {
+            row[outcome as usize] += 1;
+        }
+    }
+
+    /// Non-zero counts as (operation name, outcome, count).
+    pub fn entries(&self) -> Vec<(&'static str, Outcome, u64)> {
+        let mut out = Vec::new();
+        for (i, row) in self.0.iter().enumerate() {
+            let name = if i == 0 {
+                "undecodable"
+            } else {
+                match Op::from_code(i as i64) {
+                    Some(op) => op.name(),
+                    None => continue,
+                }
+            };
+            for outcome in Outcome::ALL {
+                let n = row[outcome as usize];
+                if n > 0 {
+                    out.push((name, outcome, n));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn refused(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|r| {
+                r[Outcome::Dropped as usize]
+                    + r[Outcome::Answered as usize]
+                    + r[Outcome::Closed as usize]
+                    + r[Outcome::Audited as usize]
+            })
+            .sum()
+    }
+}
+
+/// A spawn request this node made on the link.
+#[derive(Debug, Clone, Copy)]
+struct SpawnMade {
+    from: PidKey,
+}
+
+/// The filter state of one restricted link.
+pub struct LinkFilter {
+    local: NodeId,
+    peer: NodeId,
+    policy: TierPolicy,
+    /// This node's system processes (pid → registered name) when the link started.
+    system: HashMap<PidKey, String>,
+    /// Local pids, aliases and ports that appeared in data sent to the peer.
+    granted_pids: Bounded<PidKey, ()>,
+    granted_refs: Bounded<RefKey, ()>,
+    granted_ports: Bounded<PortKey, ()>,
+    /// Group leaders this node gave processes it spawned on the peer: io requests may go
+    /// to these.
+    group_leaders: Bounded<PidKey, ()>,
+    /// Links between a local process and a peer process.
+    links: Bounded<(PidKey, PidKey), ()>,
+    /// Unlinks this node started, awaiting the peer's ack.
+    unlinks: Bounded<u64, (PidKey, PidKey)>,
+    /// Monitors this node's processes hold on the peer's: reference → watcher.
+    monitors: Bounded<RefKey, PidKey>,
+    /// Spawn requests this node sent, awaiting their reply.
+    spawns: Bounded<RefKey, SpawnMade>,
+    /// Monitors the peer holds on this node's processes.
+    peer_monitors: Bounded<RefKey, ()>,
+    counters: Counters,
+}
+
+/// What a scan of a term found that the policy cares about.
+struct Scan<'f> {
+    filter: &'f LinkFilter,
+    atoms: &'f dyn AtomTable,
+    /// Off for the control message, whose identifiers the rules check one by one.
+    identifiers: bool,
+    problem: Option<(Reason, String)>,
+}
+
+impl Scan<'_> {
+    fn flag(&mut self, reason: Reason, detail: impl FnOnce() -> String) {
+        if self.problem.is_none() {
+            self.problem = Some((reason, detail()));
+        }
+    }
+
+    /// Local, the peer's, or a third node's (refused: it would make this node connect
+    /// wherever the peer points it).
+    fn node_of(&mut self, node: Atom<'_>) -> Option<bool> {
+        if !self.identifiers {
+            return None;
+        }
+        if node.is(&self.filter.local.name) {
+            Some(true)
+        } else if node.is(&self.filter.peer.name) {
+            Some(false)
+        } else {
+            self.flag(Reason::ThirdNodeIdentity, || node.to_utf8());
+            None
+        }
+    }
+}
+
+impl<'a> Visitor<'a> for Scan<'_> {
+    fn atom(&mut self, atom: Atom<'a>) {
+        if self.problem.is_none() && !self.atoms.exists(atom) {
+            self.flag(Reason::NewAtom, || atom.to_utf8());
+        }
+    }
+
+    fn pid(&mut self, pid: Pid<'a>) {
+        if self.node_of(pid.node) == Some(true) && !self.filter.granted_pids.contains(&pid.key()) {
+            self.flag(Reason::UngrantedIdentity, || {
+                format!("pid <{}.{}>", pid.id, pid.serial)
+            });
+        }
+    }
+
+    fn port(&mut self, port: Port<'a>) {
+        if self.node_of(port.node) == Some(true) && !self.filter.granted_ports.contains(&port.key())
+        {
+            self.flag(Reason::UngrantedIdentity, || format!("port #{}", port.id));
+        }
+    }
+
+    fn reference(&mut self, reference: Reference<'a>) {
+        if self.node_of(reference.node) == Some(true)
+            && !self.filter.granted_refs.contains(&reference.key())
+        {
+            self.flag(Reason::UngrantedIdentity, || "reference".into());
+        }
+    }
+
+    fn fun(&mut self, kind: FunKind) {
+        if !self.filter.policy.funs {
+            self.flag(Reason::Fun, || {
+                match kind {
+                    FunKind::Closure => "closure",
+                    FunKind::Export => "fun M:F/A",
+                }
+                .into()
+            });
+        }
+    }
+}
+
+/// Records the local identifiers in data sent to the peer.
+struct Grants<'f> {
+    filter: &'f mut LinkFilter,
+}
+
+impl<'a> Visitor<'a> for Grants<'_> {
+    fn pid(&mut self, pid: Pid<'a>) {
+        if pid.node.is(&self.filter.local.name) {
+            self.filter.granted_pids.insert(pid.key(), ());
+        }
+    }
+    fn port(&mut self, port: Port<'a>) {
+        if port.node.is(&self.filter.local.name) {
+            self.filter.granted_ports.insert(port.key(), ());
+        }
+    }
+    fn reference(&mut self, reference: Reference<'a>) {
+        if reference.node.is(&self.filter.local.name) {
+            self.filter.granted_refs.insert(reference.key(), ());
+        }
+    }
+}
+
+/// The outcome of the op-specific rules, before audit mode and counting.
+enum Rule {
+    Deliver,
+    Refuse(Reason, String),
+    Answer(Reason, String, Vec<u8>),
+}
+
+fn refuse(reason: Reason, detail: impl Into<String>) -> Rule {
+    Rule::Refuse(reason, detail.into())
+}
+
+impl LinkFilter {
+    pub fn new(
+        local: NodeId,
+        peer: NodeId,
+        policy: TierPolicy,
+        system: Vec<(String, PidKey)>,
+    ) -> Self {
+        Self::with_limits(local, peer, policy, system, Limits::default())
+    }
+
+    pub fn with_limits(
+        local: NodeId,
+        peer: NodeId,
+        policy: TierPolicy,
+        system: Vec<(String, PidKey)>,
+        limits: Limits,
+    ) -> Self {
+        let max_monitors = policy.max_monitors;
+        LinkFilter {
+            local,
+            peer,
+            policy,
+            system: system.into_iter().map(|(n, p)| (p, n)).collect(),
+            granted_pids: Bounded::new(limits.granted_pids),
+            granted_refs: Bounded::new(limits.granted_refs),
+            granted_ports: Bounded::new(limits.granted_ports),
+            group_leaders: Bounded::new(limits.group_leaders),
+            links: Bounded::new(limits.links),
+            unlinks: Bounded::new(limits.unlinks),
+            monitors: Bounded::new(limits.monitors),
+            spawns: Bounded::new(limits.spawns),
+            peer_monitors: Bounded::new(max_monitors),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn policy(&self) -> &TierPolicy {
+        &self.policy
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Counts a packet the transport dropped unread for exceeding the message limit.
+    pub fn record_oversized(&mut self, len: usize) -> Decision {
+        let decision = Decision {
+            op: None,
+            verdict: Verdict::Drop,
+            reason: Some(Reason::Oversized),
+            audited: false,
+            detail: format!("{len} bytes, limit {}", self.policy.max_message_size),
+        };
+        self.counters.add(None, decision.outcome());
+        decision
+    }
+
+    /// The decision on one packet from the peer: the one place where a lower tier's
+    /// traffic is judged. Updates the link's bookkeeping and counters.
+    pub fn decide(&mut self, packet: &[u8], atoms: &dyn AtomTable) -> Decision {
+        let mut decision = self.judge(packet, atoms);
+        if self.policy.audit && matches!(decision.verdict, Verdict::Drop | Verdict::Answer(_)) {
+            decision.verdict = Verdict::Deliver;
+            decision.audited = true;
+        }
+        self.counters.add(decision.op, decision.outcome());
+        decision
+    }
+
+    fn judge(&mut self, packet: &[u8], atoms: &dyn AtomTable) -> Decision {
+        let done = |op, verdict, reason, detail: String| Decision {
+            op,
+            verdict,
+            reason,
+            audited: false,
+            detail,
+        };
+        if packet.len() > self.policy.max_message_size {
+            return done(
+                None,
+                Verdict::Drop,
+                Some(Reason::Oversized),
+                format!(
+                    "{} bytes, limit {}",
+                    packet.len(),
+                    self.policy.max_message_size
+                ),
+            );
+        }
+        let decoded = match control::decode(packet) {
+            Ok(p) => p,
+            Err(e) => {
+                let reason = match e {
+                    DecodeError::UnknownOp(_) => Reason::UnknownOperation,
+                    _ => Reason::Malformed,
+                };
+                return done(None, Verdict::Close, Some(reason), e.to_string());
+            }
+        };
+        let op = Some(decoded.op);
+        if decoded.op == Op::NodeLink {
+            return done(
+                op,
+                Verdict::Close,
+                Some(Reason::UnknownOperation),
+                "NODE_LINK is obsolete".into(),
+            );
+        }
+        // Every atom, identifier and fun in the control message and the payload.
+        if let Some((reason, detail)) = self.scan(&decoded, atoms) {
+            let verdict = if reason == Reason::Malformed {
+                Verdict::Close
+            } else {
+                Verdict::Drop
+            };
+            return done(op, verdict, Some(reason), detail);
+        }
+        match self.rules(&decoded) {
+            Rule::Deliver => {
+                let verdict = match decoded.token {
+                    Some(_) => match strip_token(&decoded) {
+                        Ok(bytes) => Verdict::DeliverRewritten(bytes),
+                        Err(e) => {
+                            return done(op, Verdict::Close, Some(Reason::Malformed), e.to_string())
+                        }
+                    },
+                    None => Verdict::Deliver,
+                };
+                done(op, verdict, None, String::new())
+            }
+            Rule::Refuse(reason, detail) => done(op, Verdict::Drop, Some(reason), detail),
+            Rule::Answer(reason, detail, answer) => {
+                done(op, Verdict::Answer(answer), Some(reason), detail)
+            }
+        }
+    }
+
+    /// Scans the control message (atoms only: its identifiers are checked by the rules)
+    /// and the payload (atoms, identifiers, funs, depth).
+    fn scan(&self, packet: &Packet<'_>, atoms: &dyn AtomTable) -> Option<(Reason, String)> {
+        let mut scan = Scan {
+            filter: self,
+            atoms,
+            identifiers: false,
+            problem: None,
+        };
+        if let Err(e) = etf::walk(packet.control_bytes, 16, &mut scan) {
+            return Some((Reason::Malformed, e.to_string()));
+        }
+        scan.identifiers = true;
+        if let Some(payload) = packet.payload {
+            match etf::walk(payload, self.policy.max_depth, &mut scan) {
+                Ok(_) => {}
+                Err(etf::EtfError::TooDeep(n)) => {
+                    return Some((Reason::TooDeep, format!("deeper than {n}")))
+                }
+                Err(e) => return Some((Reason::Malformed, e.to_string())),
+            }
+        }
+        scan.problem
+    }
+
+    fn is_peer(&self, pid: &Pid<'_>) -> bool {
+        pid.node.is(&self.peer.name) && pid.creation == self.peer.creation
+    }
+
+    fn is_local(&self, pid: &Pid<'_>) -> bool {
+        pid.node.is(&self.local.name)
+    }
+
+    /// The sender check: every sender element must be a process of the peer, as its
+    /// handshake named it.
+    fn sender(&self, pid: &Pid<'_>) -> Result<(), Rule> {
+        if self.is_peer(pid) {
+            Ok(())
+        } else {
+            Err(refuse(
+                Reason::SpoofedSender,
+                format!(
+                    "sender <{}.{}> of {} (creation {})",
+                    pid.id,
+                    pid.serial,
+                    pid.node.to_utf8(),
+                    pid.creation
+                ),
+            ))
+        }
+    }
+
+    /// A local process the peer addresses by pid: granted, and not a system process.
+    fn granted_pid(&self, pid: &Pid<'_>) -> Result<PidKey, Rule> {
+        if !self.is_local(pid) {
+            return Err(refuse(Reason::ThirdNodeIdentity, pid.node.to_utf8()));
+        }
+        let key = pid.key();
+        if let Some(name) = self.system.get(&key) {
+            return Err(refuse(Reason::SystemProcess, name.clone()));
+        }
+        if !self.granted_pids.contains(&key) {
+            return Err(refuse(
+                Reason::NotGranted,
+                format!("<0.{}.{}>", pid.id, pid.serial),
+            ));
+        }
+        Ok(key)
+    }
+
+    fn rules(&mut self, p: &Packet<'_>) -> Rule {
+        match self.rules_inner(p) {
+            Ok(rule) | Err(rule) => rule,
+        }
+    }
+
+    fn rules_inner(&mut self, p: &Packet<'_>) -> Result<Rule, Rule> {
+        use Control as C;
+        Ok(match p.control {
+            C::Send { to } => {
+                self.message_to_pid(&to, None, p.payload)?;
+                Rule::Deliver
+            }
+            C::SendSender { from, to } => {
+                self.sender(&from)?;
+                self.message_to_pid(&to, Some(&from), p.payload)?;
+                Rule::Deliver
+            }
+            C::RegSend { from, to } => {
+                self.sender(&from)?;
+                self.message_to_name(&to, &from, p.payload)?;
+                Rule::Deliver
+            }
+            C::AliasSend { from, alias } => {
+                self.sender(&from)?;
+                self.message_to_alias(&alias, p.payload)?;
+                Rule::Deliver
+            }
+            C::AltactSigSend { flags, from, to } => {
+                self.sender(&from)?;
+                if flags & altact::EXIT != 0 {
+                    return Err(refuse(
+                        Reason::ExitDenied,
+                        "exit signal through alternate action",
+                    ));
+                }
+                match to {
+                    Target::Pid(pid) => self.message_to_pid(&pid, Some(&from), p.payload)?,
+                    Target::Alias(alias) => self.message_to_alias(&alias, p.payload)?,
+                    Target::Name(name) => self.message_to_name(&name, &from, p.payload)?,
+                }
+                Rule::Deliver
+            }
+            C::Exit { from, to } => {
+                self.sender(&from)?;
+                let key = (to.key(), from.key());
+                if !self.is_local(&to) || self.links.remove(&key).is_none() {
+                    return Err(refuse(
+                        Reason::UnknownLink,
+                        "exit for a link this node did not create",
+                    ));
+                }
+                Rule::Deliver
+            }
+            C::Exit2 { from, .. } => {
+                self.sender(&from)?;
+                refuse(Reason::ExitDenied, "exit/2 from a lower tier")
+            }
+            C::GroupLeader { from, .. } => {
+                self.sender(&from)?;
+                refuse(
+                    Reason::GroupLeaderDenied,
+                    "group leader change from a lower tier",
+                )
+            }
+            C::Link { from, to } => {
+                self.sender(&from)?;
+                if !self.is_local(&to) {
+                    return Err(refuse(Reason::ThirdNodeIdentity, to.node.to_utf8()));
+                }
+                Rule::Answer(
+                    Reason::LinkDenied,
+                    "link from a lower tier".into(),
+                    control::answer::link_exit(to.raw, from.raw, "noproc"),
+                )
+            }
+            C::Unlink { from, .. } => {
+                self.sender(&from)?;
+                refuse(Reason::ObsoleteUnlink, "pre-OTP 26 unlink")
+            }
+            C::UnlinkId { from, to, .. } => {
+                // The peer drops a link; only links this node created exist.
+                self.sender(&from)?;
+                if !self.is_local(&to) || self.links.remove(&(to.key(), from.key())).is_none() {
+                    return Err(refuse(
+                        Reason::UnknownLink,
+                        "unlink of a link this node did not create",
+                    ));
+                }
+                Rule::Deliver
+            }
+            C::UnlinkIdAck { id, from, to } => {
+                self.sender(&from)?;
+                match self.unlinks.get(&id) {
+                    Some(&(local, remote))
+                        if local == to.key() && remote == from.key() && self.is_local(&to) =>
+                    {
+                        self.unlinks.remove(&id);
+                        self.links.remove(&(local, remote));
+                        Rule::Deliver
+                    }
+                    _ => refuse(
+                        Reason::UnknownLink,
+                        format!("unlink ack {id} for no unlink of this node"),
+                    ),
+                }
+            }
+            C::MonitorPExit {
+                from,
+                to,
+                reference,
+            } => {
+                if let Proc::Pid(pid) = from {
+                    self.sender(&pid)?;
+                }
+                let key = reference.key();
+                match self.monitors.get(&key) {
+                    Some(watcher)
+                        if *watcher == to.key()
+                            && self.is_local(&to)
+                            && reference.node.is(&self.local.name) =>
+                    {
+                        self.monitors.remove(&key);
+                        Rule::Deliver
+                    }
+                    _ => refuse(
+                        Reason::UnknownMonitor,
+                        "monitor exit for a monitor this node did not create",
+                    ),
+                }
+            }
+            C::MonitorP {
+                from,
+                to,
+                reference,
+            } => {
+                self.sender(&from)?;
+                self.peer_monitor(p, &from, &to, &reference)?
+            }
+            C::DemonitorP {
+                from, reference, ..
+            } => {
+                self.sender(&from)?;
+                if self.peer_monitors.remove(&reference.key()).is_none() {
+                    return Err(refuse(
+                        Reason::UnknownMonitor,
+                        "demonitor of no monitor the peer holds",
+                    ));
+                }
+                Rule::Deliver
+            }
+            C::SpawnRequest {
+                req_id,
+                from,
+                group_leader,
+                module,
+                function,
+                options,
+                ..
+            } => {
+                self.sender(&from)?;
+                self.sender(&group_leader)?;
+                self.spawn_request(p, &req_id, &from, module, function, options)?
+            }
+            C::SpawnReply {
+                req_id,
+                to,
+                flags,
+                result,
+            } => {
+                let key = req_id.key();
+                let made = match self.spawns.get(&key) {
+                    Some(m) if m.from == to.key() && self.is_local(&to) => *m,
+                    _ => {
+                        return Err(refuse(
+                            Reason::UnknownSpawnRequest,
+                            "spawn reply to no request of this node",
+                        ))
+                    }
+                };
+                if let Term::Pid(child) = result {
+                    self.sender(&child)?;
+                    if flags & 1 != 0 {
+                        self.links.insert((made.from, child.key()), ());
+                    }
+                    if flags & 2 != 0 {
+                        self.monitors.insert(key, made.from);
+                    }
+                }
+                self.spawns.remove(&key);
+                Rule::Deliver
+            }
+            C::NodeLink => refuse(Reason::UnknownOperation, "NODE_LINK"),
+        })
+    }
+
+    /// A message to a local pid: granted and not a system process, or an io request to a
+    /// group leader this node gave a process spawned on the peer, or `rex`'s feature
+    /// reply.
+    fn message_to_pid(
+        &self,
+        to: &Pid<'_>,
+        from: Option<&Pid<'_>>,
+        payload: Option<&[u8]>,
+    ) -> Result<(), Rule> {
+        let shape = Shape::of(payload);
+        if self.is_local(to) && self.group_leaders.contains(&to.key()) && shape == Shape::IoRequest
+        {
+            return Ok(());
+        }
+        if self.is_local(to)
+            && self.system.get(&to.key()).map(String::as_str) == Some("rex")
+            && from.is_some_and(|f| self.is_peer(f))
+            && shape == Shape::FeaturesReply
+        {
+            return self.check_shape(shape, false);
+        }
+        self.granted_pid(to)?;
+        self.check_shape(shape, false)
+    }
+
+    fn message_to_alias(&self, alias: &Reference<'_>, payload: Option<&[u8]>) -> Result<(), Rule> {
+        if !alias.node.is(&self.local.name) {
+            return Err(refuse(Reason::ThirdNodeIdentity, alias.node.to_utf8()));
+        }
+        if !self.granted_refs.contains(&alias.key()) {
+            return Err(refuse(Reason::NotGranted, "alias"));
+        }
+        self.check_shape(Shape::of(payload), false)
+    }
+
+    fn message_to_name(
+        &self,
+        name: &Atom<'_>,
+        from: &Pid<'_>,
+        payload: Option<&[u8]>,
+    ) -> Result<(), Rule> {
+        let text = name.to_utf8();
+        let shape = Shape::of(payload);
+        // The narrow shapes plain distribution needs.
+        match text.as_str() {
+            "net_kernel" if shape.is_auth_call(payload, from, &self.peer.name) => return Ok(()),
+            "rex" if shape == Shape::FeaturesRequest && features_request_from(payload, from) => {
+                return Ok(())
+            }
+            _ => {}
+        }
+        if crate::policy::is_system_name(&text) {
+            return Err(refuse(Reason::SystemProcess, text));
+        }
+        if !self.policy.registered.contains(&text) {
+            return Err(refuse(Reason::NameNotAllowed, text));
+        }
+        self.check_shape(shape, true)
+    }
+
+    fn check_shape(&self, shape: Shape, named: bool) -> Result<(), Rule> {
+        match shape {
+            Shape::System => Err(refuse(Reason::SystemMessage, "{system, From, Request}")),
+            Shape::ForgedSignal(what) => Err(refuse(Reason::ForgedSignal, what)),
+            Shape::IoRequest => Err(refuse(
+                Reason::IoRequest,
+                "io request to a process that is not a granted group leader",
+            )),
+            Shape::AdminCall(what) if named => Err(refuse(Reason::AdminCommand, what)),
+            _ => Ok(()),
+        }
+    }
+
+    fn peer_monitor(
+        &mut self,
+        p: &Packet<'_>,
+        from: &Pid<'_>,
+        to: &Proc<'_>,
+        reference: &Reference<'_>,
+    ) -> Result<Rule, Rule> {
+        let allowed = match to {
+            Proc::Pid(pid) => self.granted_pid(pid).map(|_| ()),
+            Proc::Name(name) => {
+                let text = name.to_utf8();
+                if text == "net_kernel" || self.policy.registered.contains(&text) {
+                    Ok(())
+                } else {
+                    Err(refuse(Reason::MonitorNotAllowed, text))
+                }
+            }
+        };
+        let noproc = || {
+            let target = Term::parse(p.control_bytes)
+                .ok()
+                .and_then(|(t, _)| t.as_tuple())
+                .and_then(|t| t.raw(2).ok());
+            match target {
+                Some(target) => {
+                    control::answer::monitor_exit(target, from.raw, reference.raw, "noproc")
+                }
+                None => Vec::new(),
+            }
+        };
+        if !reference.node.is(&self.peer.name) {
+            return Err(refuse(
+                Reason::SpoofedSender,
+                "monitor reference of another node",
+            ));
+        }
+        match allowed {
+            Ok(()) if self.peer_monitors.len() >= self.policy.max_monitors => Ok(Rule::Answer(
+                Reason::MonitorLimit,
+                format!("{} monitors held", self.peer_monitors.len()),
+                noproc(),
+            )),
+            Ok(()) => {
+                self.peer_monitors.insert(reference.key(), ());
+                Ok(Rule::Deliver)
+            }
+            Err(Rule::Refuse(reason, detail)) => Ok(Rule::Answer(reason, detail, noproc())),
+            Err(other) => Err(other),
+        }
+    }
+
+    fn spawn_request(
+        &mut self,
+        p: &Packet<'_>,
+        req_id: &Reference<'_>,
+        from: &Pid<'_>,
+        module: Atom<'_>,
+        function: Atom<'_>,
+        options: Term<'_>,
+    ) -> Result<Rule, Rule> {
+        let notsup = |reason, detail: String| {
+            Rule::Answer(
+                reason,
+                detail,
+                control::answer::spawn_error(req_id.raw, from.raw, "notsup"),
+            )
+        };
+        let Some((m, f, a)) = real_mfa(module, function, p.payload) else {
+            return Ok(notsup(
+                Reason::SpawnDenied,
+                format!("{}:{}", module.to_utf8(), function.to_utf8()),
+            ));
+        };
+        if !self.policy.allows_rpc(&m, &f, a) {
+            return Ok(notsup(Reason::SpawnDenied, format!("{m}:{f}/{a}")));
+        }
+        // Only the options erpc and spawn_link/monitor use; anything else (priority,
+        // heap sizes, message queue settings) is the caller's business on its own node.
+        let plain = match options {
+            Term::Nil => true,
+            Term::List(seq) => seq
+                .iter()
+                .all(|o| o.is_ok_and(|o| o.is_atom("link") || o.is_atom("monitor"))),
+            _ => false,
+        };
+        if !plain {
+            return Ok(notsup(
+                Reason::SpawnDenied,
+                format!("{m}:{f}/{a} with spawn options"),
+            ));
+        }
+        if !req_id.node.is(&self.peer.name) {
+            return Err(refuse(
+                Reason::SpoofedSender,
+                "spawn request id of another node",
+            ));
+        }
+        Ok(Rule::Deliver)
+    }
+
+    /// Records what a packet this node sends to the peer grants or creates. Packets that
+    /// do not decode are ignored (they are this node's own; the peer's VM judges them).
+    pub fn observe_outgoing(&mut self, packet: &[u8]) {
+        let Ok(p) = control::decode(packet) else {
+            return;
+        };
+        let _ = etf::walk(
+            p.control_bytes,
+            etf::SKIP_MAX_DEPTH,
+            &mut Grants { filter: self },
+        );
+        if let Some(payload) = p.payload {
+            let _ = etf::walk(payload, etf::SKIP_MAX_DEPTH, &mut Grants { filter: self });
+        }
+        use Control as C;
+        match p.control {
+            C::Link { from, to } => {
+                self.links.insert((from.key(), to.key()), ());
+            }
+            C::Exit { from, to } => {
+                self.links.remove(&(from.key(), to.key()));
+            }
+            C::UnlinkId { id, from, to } => {
+                self.unlinks.insert(id, (from.key(), to.key()));
+            }
+            C::UnlinkIdAck { from, to, .. } => {
+                self.links.remove(&(from.key(), to.key()));
+            }
+            C::MonitorP {
+                from, reference, ..
+            } => {
+                self.monitors.insert(reference.key(), from.key());
+            }
+            C::DemonitorP { reference, .. } => {
+                self.monitors.remove(&reference.key());
+            }
+            C::MonitorPExit { reference, .. } => {
+                self.peer_monitors.remove(&reference.key());
+            }
+            C::SpawnRequest {
+                req_id,
+                from,
+                group_leader,
+                ..
+            } => {
+                self.spawns
+                    .insert(req_id.key(), SpawnMade { from: from.key() });
+                self.group_leaders.insert(group_leader.key(), ());
+            }
+            // A spawn this node granted the peer: the link and monitor it asked for.
+            C::SpawnReply {
+                req_id,
+                to,
+                flags,
+                result: Term::Pid(child),
+            } => {
+                if flags & 1 != 0 {
+                    self.links.insert((child.key(), to.key()), ());
+                }
+                if flags & 2 != 0 {
+                    self.peer_monitors.insert(req_id.key(), ());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The function a spawn request really runs: erpc's own entry points carry it in their
+/// arguments; any other is the spawned function itself.
+fn real_mfa(
+    module: Atom<'_>,
+    function: Atom<'_>,
+    args: Option<&[u8]>,
+) -> Option<(String, String, u32)> {
+    let (args, _) = Term::parse(args?).ok()?;
+    let items: Vec<Term<'_>> = match args {
+        Term::Nil => Vec::new(),
+        Term::List(seq) if seq.tail().ok()? == Term::Nil => {
+            seq.iter().collect::<Result<_, _>>().ok()?
+        }
+        Term::String(bytes) => bytes.iter().map(|&b| Term::Int(i64::from(b))).collect(),
+        _ => return None,
+    };
+    let mfa_at = |i: usize| -> Option<(String, String, u32)> {
+        let m = items.get(i)?.as_atom()?;
+        let f = items.get(i + 1)?.as_atom()?;
+        let a = items.get(i + 2)?.list_len()?;
+        Some((m.to_utf8(), f.to_utf8(), a))
+    };
+    if module.is("erpc") {
+        return match (function.to_utf8().as_str(), items.len()) {
+            ("execute_call", 4) => mfa_at(1),
+            ("execute_cast", 3) => mfa_at(0),
+            _ => None,
+        };
+    }
+    if module.is("erlang") && function.is("apply") {
+        return None; // a fun, or an MFA in disguise: refused as arbitrary code
+    }
+    Some((module.to_utf8(), function.to_utf8(), items.len() as u32))
+}
+
+/// The top-level shape of a message, as far as the policy cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Plain,
+    /// `{system, From, Request}`: sys/proc_lib control (replace_state, suspend, ...).
+    System,
+    /// A message shaped like a signal the VM itself delivers.
+    ForgedSignal(&'static str),
+    IoRequest,
+    /// A supervisor or gen_event administrative call.
+    AdminCall(&'static str),
+    FeaturesRequest,
+    FeaturesReply,
+    GenCall,
+}
+
+const ADMIN_CALLS: &[&str] = &[
+    "which_children",
+    "count_children",
+    "start_child",
+    "restart_child",
+    "delete_child",
+    "terminate_child",
+    "get_childspec",
+    "get_callback_module",
+    "add_handler",
+    "add_sup_handler",
+    "delete_handler",
+    "swap_handler",
+    "swap_sup_handler",
+    "which_handlers",
+];
+
+impl Shape {
+    fn of(payload: Option<&[u8]>) -> Shape {
+        let Some(Ok(term)) = payload.map(Term::peek) else {
+            return Shape::Plain;
+        };
+        let Some(tuple) = term.as_tuple() else {
+            return Shape::Plain;
+        };
+        let Ok(first) = tuple.get(0) else {
+            return Shape::Plain;
+        };
+        let Some(tag) = first.as_atom() else {
+            return Shape::Plain;
+        };
+        let tag = tag.to_utf8();
+        match (tag.as_str(), tuple.len()) {
+            ("system", 3) => Shape::System,
+            ("EXIT", 3) => Shape::ForgedSignal("{'EXIT', _, _}"),
+            ("DOWN", 5) => Shape::ForgedSignal("{'DOWN', _, _, _, _}"),
+            ("spawn_reply", 4) => Shape::ForgedSignal("{spawn_reply, _, _, _}"),
+            ("nodeup" | "nodedown", 2 | 3) => Shape::ForgedSignal("{nodeup | nodedown, ...}"),
+            ("io_request", 4) => Shape::IoRequest,
+            ("features_reply", 3) => Shape::FeaturesReply,
+            ("$gen_call", 3) => {
+                let request = tuple.get(2).ok();
+                let name = request.and_then(|r| match r {
+                    Term::Atom(a) => Some(a),
+                    Term::Tuple(t) => t.get(0).ok().and_then(|x| x.as_atom()),
+                    _ => None,
+                });
+                match name.and_then(|n| ADMIN_CALLS.iter().find(|c| n.is(c))) {
+                    Some(call) => Shape::AdminCall(call),
+                    None => Shape::GenCall,
+                }
+            }
+            _ => match tuple.get(1) {
+                Ok(second) if tuple.len() == 2 && second.is_atom("features_request") => {
+                    Shape::FeaturesRequest
+                }
+                _ => Shape::Plain,
+            },
+        }
+    }
+
+    /// `{'$gen_call', {From, Tag}, {is_auth, CallerNode}}`: the call `net_adm:ping` makes
+    /// (it names the caller's own node).
+    fn is_auth_call(self, payload: Option<&[u8]>, from: &Pid<'_>, caller_node: &str) -> bool {
+        if self != Shape::GenCall {
+            return false;
+        }
+        let check = || -> Option<bool> {
+            let tuple = Term::peek(payload?).ok()?.as_tuple()?;
+            let reply_to = tuple.get(1).ok()?.as_tuple()?;
+            let caller = reply_to.get(0).ok()?.as_pid()?;
+            let request = tuple.get(2).ok()?.as_tuple()?;
+            Some(
+                reply_to.len() == 2
+                    && caller == *from
+                    && request.len() == 2
+                    && request.get(0).ok()?.is_atom("is_auth")
+                    && request.get(1).ok()?.is_atom(caller_node),
+            )
+        };
+        check().unwrap_or(false)
+    }
+}
+
+/// `{From, features_request}` where From is the sender.
+fn features_request_from(payload: Option<&[u8]>, from: &Pid<'_>) -> bool {
+    let check = || -> Option<bool> {
+        let tuple = Term::peek(payload?).ok()?.as_tuple()?;
+        Some(tuple.get(0).ok()?.as_pid()? == *from)
+    };
+    check().unwrap_or(false)
+}
+
+/// The same signal without its sequential-trace token, in the pass-through form.
+fn strip_token(p: &Packet<'_>) -> Result<Vec<u8>, etf::EtfError> {
+    let (control, _) = Term::parse(p.control_bytes)?;
+    let tuple = control
+        .as_tuple()
+        .ok_or(etf::EtfError::Malformed("control"))?;
+    let (plain_op, token_at, flags) = match p.op {
+        Op::SendTt => (Op::Send, 3, None),
+        Op::ExitTt => (Op::Exit, 3, None),
+        Op::RegSendTt => (Op::RegSend, 4, None),
+        Op::Exit2Tt => (Op::Exit2, 3, None),
+        Op::SendSenderTt => (Op::SendSender, 3, None),
+        Op::PayloadExitTt => (Op::PayloadExit, 3, None),
+        Op::PayloadExit2Tt => (Op::PayloadExit2, 3, None),
+        Op::SpawnRequestTt => (Op::SpawnRequest, 6, None),
+        Op::SpawnReplyTt => (Op::SpawnReply, 5, None),
+        Op::AliasSendTt => (Op::AliasSend, 3, None),
+        Op::AltactSigSend => match p.control {
+            Control::AltactSigSend { flags, .. } => {
+                (Op::AltactSigSend, 4, Some(flags & !altact::TOKEN))
+            }
+            _ => return Err(etf::EtfError::Malformed("control")),
+        },
+        _ => {
+            return Err(etf::EtfError::Malformed(
+                "token on an operation without one",
+            ))
+        }
+    };
+    let mut out = vec![112, etf::VERSION];
+    etf::encode::small_tuple(&mut out, (tuple.len() - 1) as u8);
+    etf::encode::small_int(&mut out, plain_op as u8);
+    for i in 1..tuple.len() {
+        if i == token_at {
+            continue;
+        }
+        match (i, flags) {
+            (1, Some(flags)) => {
+                // ALTACT flags fit a small integer (five bits).
+                etf::encode::small_int(&mut out, flags as u8);
+            }
+            _ => out.extend_from_slice(tuple.raw(i)?),
+        }
+    }
+    if let Some(payload) = p.payload {
+        out.push(etf::VERSION);
+        out.extend_from_slice(payload);
+    }
+    Ok(out)
+}
+
+/// Checks one assertion against the policy as the engine applies it: a packet standing
+/// for the capability goes through [`LinkFilter::decide`] on a fresh link from a peer of
+/// the asserted tier.
+pub fn check_assertion(
+    assertion: &Assertion,
+    policy: &crate::policy::Policy,
+    tiers: &crate::link::TierOrder,
+    local_tier: &str,
+) -> Result<(), String> {
+    let restricted = tiers
+        .mode(local_tier, &assertion.tier)
+        .ok_or_else(|| format!("tier {} is not among the configured tiers", assertion.tier))?
+        == crate::link::LinkMode::Restricted;
+    let tier_policy = policy.for_tier(&assertion.tier);
+    let holds = if !restricted {
+        true // same or higher tier: ordinary distribution
+    } else if assertion.capability == Capability::Connect {
+        tier_policy.connect
+    } else {
+        probe(&assertion.capability, tier_policy)
+    };
+    if holds == assertion.may {
+        Ok(())
+    } else {
+        Err(format!(
+            "assertion {{{}, {}, {}}} does not hold: the policy {} it",
+            assertion.tier,
+            if assertion.may { "may" } else { "may_not" },
+            describe(&assertion.capability),
+            if holds { "allows" } else { "refuses" }
+        ))
+    }
+}
+
+fn describe(c: &Capability) -> String {
+    match c {
+        Capability::Spawn => "spawn".into(),
+        Capability::Call(m, f, a) => format!("{{call, {m}, {f}, {a}}}"),
+        Capability::Send(n) => format!("{{send, {n}}}"),
+        Capability::Monitor(n) => format!("{{monitor, {n}}}"),
+        Capability::Connect => "connect".into(),
+        Capability::Exit => "exit".into(),
+        Capability::Link => "link".into(),
+        Capability::GroupLeader => "group_leader".into(),
+        Capability::Funs => "funs".into(),
+        Capability::MessageSize(n) => format!("{{message_size, {n}}}"),
+    }
+}
+
+struct EveryAtomExists;
+impl AtomTable for EveryAtomExists {
+    fn exists(&self, _: Atom<'_>) -> bool {
+        true
+    }
+}
+
+/// Runs a packet standing for `capability` through a fresh filter.
+fn probe(capability: &Capability, policy: TierPolicy) -> bool {
+    use etf::encode;
+    const LOCAL: &str = "local@assertion";
+    const PEER: &str = "peer@assertion";
+    let pid = |node: &str, id: u32| {
+        let mut v = vec![etf::tag::NEW_PID];
+        encode::atom(&mut v, node);
+        v.extend_from_slice(&id.to_be_bytes());
+        v.extend_from_slice(&0u32.to_be_bytes());
+        v.extend_from_slice(&1u32.to_be_bytes());
+        v
+    };
+    let reference = |node: &str| {
+        let mut v = vec![etf::tag::NEWER_REFERENCE, 0, 3];
+        encode::atom(&mut v, node);
+        v.extend_from_slice(&1u32.to_be_bytes());
+        v.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3]);
+        v
+    };
+    let packet = |op: u8, elements: &[Vec<u8>], payload: Option<Vec<u8>>| {
+        let mut v = vec![112, etf::VERSION];
+        encode::small_tuple(&mut v, elements.len() as u8 + 1);
+        encode::small_int(&mut v, op);
+        for e in elements {
+            v.extend_from_slice(e);
+        }
+        if let Some(p) = payload {
+            v.push(etf::VERSION);
+            v.extend(p);
+        }
+        v
+    };
+    let atom = |name: &str| {
+        let mut v = Vec::new();
+        encode::atom(&mut v, name);
+        v
+    };
+    let list = |items: Vec<Vec<u8>>| {
+        if items.is_empty() {
+            return vec![etf::tag::NIL];
+        }
+        let mut v = vec![etf::tag::LIST];
+        v.extend_from_slice(&(items.len() as u32).to_be_bytes());
+        for i in items {
+            v.extend(i);
+        }
+        v.push(etf::tag::NIL);
+        v
+    };
+    let mut filter = LinkFilter::new(
+        NodeId {
+            name: LOCAL.into(),
+            creation: 1,
+        },
+        NodeId {
+            name: PEER.into(),
+            creation: 1,
+        },
+        policy,
+        Vec::new(),
+    );
+    // A local process handed to the peer (as a GenServer.call from it would).
+    let handed = pid(LOCAL, 100);
+    filter.observe_outgoing(&packet(
+        22,
+        &[handed.clone(), pid(PEER, 5)],
+        Some(handed.clone()),
+    ));
+    let from = pid(PEER, 7);
+    let mfa = |m: &str, f: &str, a: u8| {
+        let mut v = Vec::new();
+        encode::small_tuple(&mut v, 3);
+        v.extend(atom(m));
+        v.extend(atom(f));
+        encode::small_int(&mut v, a);
+        v
+    };
+    let test = match capability {
+        Capability::Spawn => packet(
+            29,
+            &[
+                reference(PEER),
+                from.clone(),
+                from.clone(),
+                mfa("os", "cmd", 1),
+                list(vec![]),
+            ],
+            Some(list(vec![atom("x")])),
+        ),
+        Capability::Call(m, f, a) => {
+            let args = list((0..*a).map(|_| atom("x")).collect());
+            let payload = list(vec![reference(PEER), atom(m), atom(f), args]);
+            packet(
+                29,
+                &[
+                    reference(PEER),
+                    from.clone(),
+                    from.clone(),
+                    mfa("erpc", "execute_call", 4),
+                    list(vec![atom("monitor")]),
+                ],
+                Some(payload),
+            )
+        }
+        Capability::Send(name) => packet(
+            6,
+            &[from.clone(), atom(""), atom(name)],
+            Some(atom("hello")),
+        ),
+        Capability::Monitor(name) => packet(19, &[from.clone(), atom(name), reference(PEER)], None),
+        Capability::Exit => packet(26, &[from.clone(), handed.clone()], Some(atom("kill"))),
+        Capability::Link => packet(1, &[from.clone(), handed.clone()], None),
+        Capability::GroupLeader => packet(7, &[from.clone(), handed.clone()], None),
+        Capability::Funs => {
+            let mut fun = vec![etf::tag::EXPORT];
+            fun.extend(atom("lists"));
+            fun.extend(atom("map"));
+            encode::small_int(&mut fun, 2);
+            packet(22, &[from.clone(), handed.clone()], Some(fun))
+        }
+        Capability::MessageSize(n) => {
+            // A packet of exactly n bytes: the limit counts the whole packet.
+            let binary = |len: usize| {
+                let mut bin = vec![etf::tag::BINARY];
+                bin.extend_from_slice(&(len as u32).to_be_bytes());
+                bin.resize(5 + len, 0);
+                bin
+            };
+            let overhead = packet(22, &[from.clone(), handed.clone()], Some(binary(0))).len();
+            packet(
+                22,
+                &[from.clone(), handed.clone()],
+                Some(binary(n.saturating_sub(overhead))),
+            )
+        }
+        Capability::Connect => return false,
+    };
+    let decision = filter.decide(&test, &EveryAtomExists);
+    decision.reason.is_none()
+        && matches!(
+            decision.verdict,
+            Verdict::Deliver | Verdict::DeliverRewritten(_)
+        )
+        || decision.audited
+}
