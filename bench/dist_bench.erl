@@ -19,7 +19,7 @@
 -export([connect/2, rtt/4, throughput/6, rate/5, load_ping/5,
          echo/0, sink/0, os_pid/0]).
 
--define(CARRIERS, [inet_tcp, inet_tls, trust]).
+-define(CARRIERS, [inet_tcp, inet_tls, trust, trust_restricted]).
 -define(STARVE_MS, 10000).
 -define(KIB, 1024).
 -define(MIB, (1024 * 1024)).
@@ -52,7 +52,7 @@ main(Args) ->
     halt(Code).
 
 usage() ->
-    "usage: bench/run.sh [--quick] [--carriers inet_tcp,inet_tls,trust] "
+    "usage: bench/run.sh [--quick] [--carriers inet_tcp,inet_tls,trust,trust_restricted] "
     "[--out DIR] [--ebin TRUST_EBIN] [--cli TRUST_DIST_CLI] [--tmp DIR] [--keep]\n".
 
 defaults() ->
@@ -94,7 +94,9 @@ carriers(List) ->
 carrier(C) when C =:= "inet_tcp"; C =:= "tcp"; C =:= "inet_tcp_dist" -> inet_tcp;
 carrier(C) when C =:= "inet_tls"; C =:= "tls"; C =:= "inet_tls_dist" -> inet_tls;
 carrier(C) when C =:= "trust"; C =:= "trust_dist"; C =:= "quic" -> trust;
-carrier(C) -> throw({usage, "unknown carrier " ++ C ++ " (use inet_tcp, inet_tls, trust)"}).
+carrier(C) when C =:= "trust_restricted"; C =:= "restricted" -> trust_restricted;
+carrier(C) -> throw({usage, "unknown carrier " ++ C ++
+                         " (use inet_tcp, inet_tls, trust, trust_restricted)"}).
 
 %% Workload sizes. `full' targets >= 2 s per throughput case (3 s used) and a whole run
 %% of about 2 minutes for the three carriers; `quick' is a < 1 minute smoke test.
@@ -203,6 +205,8 @@ bench_with(Carrier, Ctx) ->
     Link = case Pair0 of
                #{connect := #{ms := Ms, info := LinkInfo}} ->
                    log("~s main pair connected in ~.1f ms", [Carrier, float(Ms)]),
+                   %% A's view: full either way (in the restricted pair A is the lower
+                   %% node; B filters everything A sends).
                    [log("WARNING: trust link mode is ~p, not full", [Mode])
                     || #{mode := Mode} <- LinkInfo, Mode =/= full],
                    {ok, #{first_connect_ms => Ms, link_info => LinkInfo}};
@@ -352,7 +356,8 @@ prepare(Carrier, Opts) ->
     case Carrier of
         inet_tcp -> Base;
         inet_tls -> Base#{optfile => tls_optfile(Opts)};
-        trust -> Base#{cluster => trust_cluster(Opts)}
+        trust -> Base#{cluster => trust_cluster(Opts, full)};
+        trust_restricted -> Base#{cluster => trust_cluster(Opts, restricted)}
     end.
 
 %% A throwaway CA and one node certificate (ECDSA P-256) that both nodes present, valid
@@ -389,19 +394,35 @@ tls_optfile(#{tmp := Tmp}) ->
                                                   {client, Common}]])),
     OptFile.
 
-%% `trust-dist dev-cluster' with every node in the same tier (admin), so links are full.
-trust_cluster(#{tmp := Tmp, cli := Cli, ebin := Ebin, tag := Tag, params := P}) ->
+%% `trust-dist dev-cluster'. Full: every node tier admin. Restricted: A is a worker and B
+%% an admin, so B decodes and judges every packet A sends (the workloads run on A against
+%% processes on B); B's policy lets worker dial it and spawn the bench's own sink and echo
+%% processes, nothing more.
+trust_cluster(#{tmp := Tmp, cli := Cli, ebin := Ebin, tag := Tag, params := P}, Mode) ->
     filelib:is_regular(Cli) orelse error({missing, Cli, "run `mix compile` first"}),
     filelib:is_dir(Ebin) orelse error({missing, Ebin, "run `mix compile` first"}),
-    Dir = filename:join(Tmp, "trust"),
+    Dir = filename:join(Tmp, atom_to_list(Mode)),
     Slots = ["m" | ["s" ++ integer_to_list(I) || I <- lists:seq(1, maps:get(setup_pairs, P))]],
-    Nodes = [Tag ++ "_trust_" ++ S ++ "_" ++ R ++ "@127.0.0.1:admin"
+    Tier = fun("a") when Mode =:= restricted -> "worker"; (_) -> "admin" end,
+    Nodes = [Tag ++ "_trust_" ++ S ++ "_" ++ R ++ "@127.0.0.1:" ++ Tier(R)
              || S <- Slots, R <- ["a", "b"]],
     Cmd = lists:join(" ", [shell_quote(Cli), "dev-cluster", shell_quote(Dir),
+                           "--tiers", "admin,worker",
                            "--ebin", shell_quote(Ebin) | Nodes]),
     {Status, Out} = run_cmd(lists:flatten(Cmd)),
     Status =:= 0 orelse error({dev_cluster_failed, Status, Out}),
+    Mode =:= restricted andalso
+        [restrict(filename:join([Dir, Tag ++ "_trust_" ++ S ++ "_b", "sys.config"]))
+         || S <- Slots],
     Dir.
+
+restrict(SysConfig) ->
+    {ok, [Config]} = file:consult(SysConfig),
+    Policy = #{worker => #{connect => true,
+                           rpc => [{erlang, node, 0}, {?MODULE, sink, 0}, {?MODULE, echo, 0}]}},
+    Section = lists:keystore(policy, 1, proplists:get_value(trust_dist, Config), {policy, Policy}),
+    New = lists:keystore(trust_dist, 1, Config, {trust_dist, Section}),
+    ok = file:write_file(SysConfig, io_lib:format("~tp.~n", [New])).
 
 run_cmd(Cmd) ->
     Port = open_port({spawn, Cmd ++ " 2>&1"}, [exit_status, binary, stream]),
@@ -467,7 +488,7 @@ start_node(#{carrier := Carrier, cookie := Cookie, bench_ebin := BenchEbin, tag 
                 #{name => list_to_atom(Name), host => "127.0.0.1", longnames => true,
                   args => ["-setcookie", Cookie, "-proto_dist", "inet_tls",
                            "-ssl_dist_optfile", maps:get(optfile, Ctx) | Common]};
-            trust ->
+            _ when Carrier =:= trust; Carrier =:= trust_restricted ->
                 VmArgs = filename:join([maps:get(cluster, Ctx),
                                         Tag ++ "_trust_" ++ Slot ++ "_" ++ Role, "vm.args"]),
                 %% -name, -proto_dist trust, -setcookie, -pa ebin, -config come from vm.args
@@ -979,7 +1000,8 @@ render_markdown(Results, Meta) ->
                           "peer certified as ~ts~n",
                           [maps:get(mode, I, '?'), maps:get(tier, I, <<"?">>),
                            maps:get(certified_as, I, <<"?">>)])
-            || {trust, R} <- Results, {ok, #{link_info := Is}} <- [maps:get(link, R, none)],
+            || {C, R} <- Results, C =:= trust orelse C =:= trust_restricted,
+               {ok, #{link_info := Is}} <- [maps:get(link, R, none)],
                I <- Is],
     unicode:characters_to_binary(
       [io_lib:format("## Distribution carrier benchmark (~s mode)~n~n", [Mode]),
@@ -995,7 +1017,8 @@ render_markdown(Results, Meta) ->
 
 column_name(inet_tcp) -> "inet_tcp";
 column_name(inet_tls) -> "inet_tls";
-column_name(trust) -> "trust (full)".
+column_name(trust) -> "trust (full)";
+column_name(trust_restricted) -> "trust (restricted)".
 
 notes(P) ->
     io_lib:format(
@@ -1009,7 +1032,9 @@ notes(P) ->
       "first-use code loading); reconnect: ~b disconnect/connect cycles on the warm main pair. "
       "CPU: utime+stime of each node's OS process (all threads) from /proc during the "
       "1 MiB throughput case. TLS: OTP defaults, ECDSA P-256 certs, verify_peer both ways. "
-      "trust: `trust-dist dev-cluster`, both nodes tier admin.~n",
+      "trust (full): `trust-dist dev-cluster`, both nodes tier admin. trust (restricted): A is "
+      "tier worker, B tier admin, so B filters everything A sends (B's policy allows worker "
+      "to connect and to spawn the bench's sink and echo).~n",
       [maps:get(rtt_n, P), maps:get(rtt_warm, P), maps:get(tput_ms, P),
        maps:get(tput_max, P) div ?MIB, maps:get(rate_senders, P), maps:get(rate_senders, P),
        maps:get(rate_ms, P), maps:get(load_ms, P), ?STARVE_MS div 1000,

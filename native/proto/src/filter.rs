@@ -1030,13 +1030,13 @@ impl LinkFilter {
         if !self.policy.allows_rpc(&m, &f, a) {
             return Ok(notsup(Reason::SpawnDenied, format!("{m}:{f}/{a}")));
         }
-        // Only the options erpc and spawn_link/monitor use; anything else (priority,
-        // heap sizes, message queue settings) is the caller's business on its own node.
+        // Only options that concern the caller or the process's own message queue; not
+        // priority, heap sizes or anything else that lets a lower tier tune this node.
         let plain = match options {
             Term::Nil => true,
             Term::List(seq) => seq
                 .iter()
-                .all(|o| o.is_ok_and(|o| o.is_atom("link") || o.is_atom("monitor"))),
+                .all(|o| o.is_ok_and(|o| allowed_spawn_option(&o))),
             _ => false,
         };
         if !plain {
@@ -1119,6 +1119,21 @@ impl LinkFilter {
             }
             _ => {}
         }
+    }
+}
+
+fn allowed_spawn_option(option: &Term<'_>) -> bool {
+    if option.is_atom("link") || option.is_atom("monitor") {
+        return true;
+    }
+    let Some(tuple) = option.as_tuple().filter(|t| t.len() == 2) else {
+        return false;
+    };
+    match (tuple.get(0), tuple.get(1)) {
+        (Ok(key), Ok(value)) if key.is_atom("message_queue_data") => {
+            value.is_atom("off_heap") || value.is_atom("on_heap")
+        }
+        _ => false,
     }
 }
 
