@@ -312,8 +312,6 @@ defmodule TrustDist.TrustTest do
 
   defp count(link, op, verdict), do: get_in(link, [:counters, op, verdict]) || 0
 
-  defp admin_logs(cl, role \\ :admin), do: on(cl, role, :logs, [])
-
   # ---------------------------------------------------------------------------------------
   # The tests, once per release
 
@@ -657,6 +655,7 @@ defmodule TrustDist.TrustTest do
       test "upward refused: a monitor flood is answered noproc and holds nothing on admin",
            %{cl: cl, before: before} do
         %{victim: victim} = registered(cl, :admin, [:victim])
+        reports_before = length(on(cl, :admin, :reports, [:trust_dist_denied]))
         n = 20_000
         {holder, downs, ms} = on(cl, :worker, :monitor_flood, [victim, n, 3_000], 20_000)
 
@@ -665,10 +664,44 @@ defmodule TrustDist.TrustTest do
           assert held == 0, "worker holds #{held} monitors on an admin process"
           assert downs == %{noproc: n}, "DOWNs on worker: #{inspect(downs)}"
           assert ms < 3_000
+          logged = length(on(cl, :admin, :reports, [:trust_dist_denied])) - reports_before
+          assert logged <= 100, "#{n} denials made #{logged} log reports: not rate limited"
           assert_admin_intact(cl, before)
         after
           on(cl, :worker, :release, [holder])
         end
+      end
+
+      test "upward refused: a forged reply through the alias of admin's call to edge",
+           %{cl: cl, before: before} do
+        e = node_of(cl, :edge)
+        name = :"slow_#{tag()}"
+        :ok = on(cl, :edge, :start_slow, [name, 1_000])
+
+        call =
+          Task.async(fn ->
+            erl(cl, :admin, :gen_server, :call, [{name, e}, :question, 3_000], 5_000)
+          end)
+
+        # Worker learns the caller's alias out of band: the point is that it guessed it.
+        from =
+          C.eventually(
+            fn ->
+              case on(cl, :edge, :slow_last_from, [name]) do
+                {_pid, _tag} = from -> from
+                _ -> nil
+              end
+            end,
+            900
+          )
+
+        assert from, "edge did not see admin's call"
+        :ok = on(cl, :worker, :forge_reply, [from, :forged])
+
+        assert Task.await(call, 6_000) == {:genuine, :question},
+               "admin's gen_server call returned worker's forged reply"
+
+        assert_admin_intact(cl, before)
       end
 
       test "upward refused from edge, to admin and to worker", %{cl: cl, before: before} do
@@ -695,18 +728,20 @@ defmodule TrustDist.TrustTest do
         assert is_map(link[:counters]), "links() has no counters: #{inspect(link)}"
         assert count(link, :spawn_request, :answered) + count(link, :spawn_request, :dropped) >= 1
         assert is_integer(link[:denied]) and link[:denied] >= 1
-        w = Atom.to_string(node_of(cl, :worker))
+        w = node_of(cl, :worker)
 
-        assert C.eventually(
-                 fn ->
-                   Enum.any?(
-                     admin_logs(cl),
-                     &(&1 =~ "trust_dist_denied" and &1 =~ "spawn_request" and &1 =~ w)
-                   )
-                 end,
-                 2_000
-               ),
-               "no trust_dist_denied report for worker's spawn request"
+        report =
+          C.eventually(
+            fn ->
+              on(cl, :admin, :reports, [:trust_dist_denied])
+              |> Enum.find(&(&1[:peer] == w and &1[:op] == :spawn_request))
+            end,
+            2_000
+          )
+
+        assert report, "no trust_dist_denied report for worker's spawn request"
+        assert to_string(report[:tier]) == "worker"
+        assert Map.has_key?(report, :reason)
       end
 
       # ---- topology ----------------------------------------------------------------------
@@ -764,15 +799,16 @@ defmodule TrustDist.TrustTest do
         assert File.exists?(path)
         link = link_to(cl, :auditor, :lone)
         assert count(link, :spawn_request, :audited) >= 1, "counters: #{inspect(link[:counters])}"
-        lone = Atom.to_string(node_of(cl, :lone))
+        lone = node_of(cl, :lone)
 
         assert C.eventually(
                  fn ->
-                   Enum.any?(admin_logs(cl, :auditor), &(&1 =~ "spawn_request" and &1 =~ lone))
+                   on(cl, :auditor, :reports, [:all])
+                   |> Enum.any?(&(&1[:peer] == lone and &1[:op] == :spawn_request))
                  end,
                  2_000
                ),
-               "auditor logged nothing about lone's spawn request"
+               "auditor logged no report about lone's spawn request"
       end
 
       test "same tier: everything, including :global names seen on both", %{cl: cl} do

@@ -12,7 +12,7 @@
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 %% Directional trust (test/trust_test.exs): fixtures on the higher node, what the lower
 %% node tries, and what the higher node checks afterwards.
--export([trust_fixtures/0, results_seen/0, results_await/2, results_state/0, victim_seen/0,
+-export([trust_fixtures/0, reports/1, results_seen/0, results_await/2, results_state/0, victim_seen/0,
          whereis_all/1, group_leader_of/1, links_of/1, monitors_from/2, connection_id/1,
          app_running/1, in_code_path/1, touch/1, allowed_fun/1, forbidden_fun/1, try_spawn/2,
          try_erpc/4, try_rpc/4, send_to/2, send_exit/2, link_then_exit/1, set_group_leader/1,
@@ -20,7 +20,7 @@
          rex_attack/3, net_kernel_attack/2, code_server_attack/3, appctl_attack/2,
          global_attack/2, atom_flood/4, big_message/3, monitor_flood/3, release/1,
          inject_reg_send/4, remote_io/2, remote_kill/1, global_register/1, global_lookup/1,
-         monitor_alive/2]).
+         monitor_alive/2, start_slow/2, slow_last_from/1, forge_reply/2]).
 
 %% A registered process that answers {From, Msg} with {echo, Msg}.
 start_echo(Name) ->
@@ -241,6 +241,7 @@ capture_logs() ->
 log_store(Lines) ->
     receive
         {line, L} -> log_store([L | Lines]);
+        {report, R} -> log_store([R | Lines]);
         {get, From} -> From ! {lines, lists:reverse(Lines)}, log_store(Lines)
     end.
 
@@ -249,6 +250,11 @@ logs() ->
     receive {lines, Lines} -> Lines after 5000 -> [] end.
 
 %% logger handler callback
+log(#{msg := {report, Report}}, #{id := trust_dist_probe_reports}) ->
+    trust_dist_probe_reports ! {report, Report},
+    ok;
+log(_Event, #{id := trust_dist_probe_reports}) ->
+    ok;
 log(#{msg := Msg}, _Config) ->
     Text = case Msg of
                {string, S} -> S;
@@ -316,6 +322,10 @@ trust_fixtures() ->
              undefined -> capture_logs();
              _ -> ok
          end,
+    ok = case whereis(trust_dist_probe_reports) of
+             undefined -> capture_reports();
+             _ -> ok
+         end,
     {ok, _} = application:ensure_all_started(runtime_tools),
     ok.
 
@@ -372,6 +382,27 @@ victim_loop(Seen) ->
     receive
         {'$victim_get', From} -> From ! {victim_seen, lists:reverse(Seen)}, victim_loop(Seen);
         Msg -> victim_loop([Msg | Seen])
+    end.
+
+%% Keeps every logger report of the trust_dist domain as the term it is (log/2 keeps
+%% text), so a test can check a report's keys.
+capture_reports() ->
+    Pid = spawn(fun() -> log_store([]) end),
+    register(trust_dist_probe_reports, Pid),
+    ok = logger:add_handler(trust_dist_probe_reports, ?MODULE,
+                            #{level => all,
+                              filter_default => stop,
+                              filters => [{td, {fun logger_filters:domain/2,
+                                                {log, sub, [trust_dist]}}}]}),
+    ok.
+
+%% The reports captured so far whose `what' is What (all: every report).
+reports(What) ->
+    trust_dist_probe_reports ! {get, self()},
+    receive
+        {lines, Reports} ->
+            [R || R <- Reports, is_map(R), What =:= all orelse maps:get(what, R, none) =:= What]
+    after 5000 -> []
     end.
 
 %% What `results' has recorded, oldest first; big terms summarised.
@@ -633,6 +664,34 @@ monitor_alive(Dest, Ms) ->
     receive {'DOWN', Ref, process, _, Why} -> {down, Why}
     after Ms -> demonitor(Ref, [flush]), alive
     end.
+
+%% A process registered as Name that takes gen_server calls, keeps the caller's From and
+%% replies {genuine, Request} after DelayMs.
+start_slow(Name, DelayMs) ->
+    Self = self(),
+    spawn(fun() -> register(Name, self()), Self ! slow_up, slow_loop(DelayMs, none) end),
+    receive slow_up -> ok after 5000 -> error(slow_not_started) end.
+
+slow_loop(DelayMs, Last) ->
+    receive
+        {'$gen_call', From, Request} ->
+            _ = timer:apply_after(DelayMs, gen, reply, [From, {genuine, Request}]),
+            slow_loop(DelayMs, From);
+        {last_from, Pid} -> Pid ! {last_from, Last}, slow_loop(DelayMs, Last)
+    end.
+
+slow_last_from(Name) ->
+    Name ! {last_from, self()},
+    receive {last_from, From} -> From after 2000 -> timeout end.
+
+%% Sends Reply to the caller behind a gen_server From, as the callee would: through its
+%% alias (OTP 24+ callers) or to its pid.
+forge_reply({Pid, Tag}, Reply) ->
+    case Tag of
+        [alias | Alias] -> Alias ! {Tag, Reply};
+        _ -> Pid ! {Tag, Reply}
+    end,
+    ok.
 
 %%% Directional trust: what the higher node does downward
 
