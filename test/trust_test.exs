@@ -89,7 +89,7 @@ defmodule TrustDist.TrustTest do
 
   setup_all do
     {:ok, registry} = Agent.start(fn -> %{} end)
-    base = Path.join(C.root(), "tmp/trust_test/#{System.unique_integer([:positive])}")
+    base = Path.join(C.root(), "tmp/trust_test/#{System.os_time(:millisecond)}-#{System.pid()}")
 
     on_exit(fn ->
       for {_release, cl} <- Agent.get(registry, & &1), {_role, peer} <- cl.peers do
