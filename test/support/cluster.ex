@@ -112,6 +112,65 @@ defmodule TrustDist.TestCluster do
   @doc "The OS pid of the node behind `peer`."
   def os_pid(peer), do: call(peer, :os, :getpid, []) |> List.to_integer()
 
+  @chroot_script Path.join(@root, "scripts/otp-chroot.sh")
+  @host_release :erlang.system_info(:otp_release) |> List.to_string()
+
+  @doc "The OTP major release of the test runner (and of plain `start/2` nodes)."
+  def host_release, do: @host_release
+
+  @doc """
+  Whether nodes of OTP `release` can be started: the host's release always, another one
+  when its debootstrap chroot (scripts/otp-chroot.sh) has been built.
+  """
+  def release_available?(@host_release), do: true
+
+  def release_available?(release) do
+    {_, status} = System.cmd(@chroot_script, ["release", release], stderr_to_stdout: true)
+    status == 0
+  end
+
+  @doc """
+  The code path for nodes of OTP `release`: erl_src and the test probe compiled by that
+  release's own erlc into _build/otpNN/lib/trust_dist/ebin (priv is the project's, so the
+  NIF is the same library). The host release uses the Mix build.
+  """
+  def release_ebin(@host_release), do: ebin()
+
+  def release_ebin(release) do
+    lib = Path.join(@root, "_build/otp#{release}/lib/trust_dist")
+    ebin = Path.join(lib, "ebin")
+    File.mkdir_p!(ebin)
+    priv = Path.join(lib, "priv")
+    unless File.exists?(priv), do: File.ln_s!(Path.join(@root, "priv"), priv)
+    File.cp!(Path.join(ebin(), "trust_dist.app"), Path.join(ebin, "trust_dist.app"))
+
+    sources =
+      Path.wildcard(Path.join(@root, "erl_src/*.erl")) ++
+        [Path.join(@root, "test/support/trust_dist_probe.erl")]
+
+    {out, status} =
+      System.cmd(@chroot_script, ["erlc", release, "-o", ebin | sources], stderr_to_stdout: true)
+
+    if status != 0, do: raise("erlc of OTP #{release} failed:\n" <> out)
+    ebin
+  end
+
+  @doc """
+  Starts a node of the deployment on OTP `release`; `opts` as for `start/2` (pass
+  `ebin: release_ebin(release)` to compile once for many nodes).
+  """
+  def start_release(node, release, opts \\ [])
+  def start_release(node, @host_release, opts), do: start(node, opts)
+
+  def start_release(node, release, opts) do
+    opts =
+      opts
+      |> Keyword.put_new(:exec, {@chroot_script, ["erl", release]})
+      |> Keyword.put_new_lazy(:ebin, fn -> release_ebin(release) end)
+
+    start(node, opts)
+  end
+
   @doc "Polls `fun` every 50 ms until it returns a truthy value or `ms` pass."
   def eventually(fun, ms \\ 5_000) do
     deadline = System.monotonic_time(:millisecond) + ms

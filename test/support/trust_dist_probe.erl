@@ -9,7 +9,18 @@
          spawn_link_remote/1, hello_and_exit/1, remote_exit_after/2, rpc_and_erpc/1, park/0,
          watch_nodes/0, await_nodedown/2, remote_pid/2, pid_status/2, global_pg/1,
          inject_garbage/2, flood/3, sink/0, ping_at/2, capture_logs/0, logs/0, log/2, atom_exists/1]).
--export([init/1, handle_call/3, handle_cast/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+%% Directional trust (test/trust_test.exs): fixtures on the higher node, what the lower
+%% node tries, and what the higher node checks afterwards.
+-export([trust_fixtures/0, reports/1, results_seen/0, results_await/2, results_state/0, victim_seen/0,
+         whereis_all/1, group_leader_of/1, links_of/1, monitors_from/2, connection_id/1,
+         app_running/1, in_code_path/1, touch/1, allowed_fun/1, forbidden_fun/1, try_spawn/2,
+         try_erpc/4, try_rpc/4, send_to/2, send_exit/2, link_then_exit/1, set_group_leader/1,
+         try_replace_state/1, hijack/1, try_suspend/1, forged_exit/2, init_stop/2,
+         rex_attack/3, net_kernel_attack/2, code_server_attack/3, appctl_attack/2,
+         global_attack/2, atom_flood/4, big_message/3, monitor_flood/3, release/1,
+         inject_reg_send/4, remote_io/2, remote_kill/1, global_register/1, global_lookup/1,
+         monitor_alive/2, start_slow/2, slow_last_from/1, forge_reply/2]).
 
 %% A registered process that answers {From, Msg} with {echo, Msg}.
 start_echo(Name) ->
@@ -97,9 +108,20 @@ start_server(Name) ->
     {ok, Pid} = gen_server:start({local, Name}, ?MODULE, [], []),
     Pid.
 
-init([]) -> {ok, #{}}.
+init([]) -> {ok, #{}};
+%% `results': records every call and message it gets, in order.
+init(results) ->
+    process_flag(trap_exit, true),
+    {ok, {results, []}}.
+
+handle_call(get, _From, {results, Seen} = State) ->
+    {reply, lists:reverse(Seen), State};
+handle_call({record, X}, _From, {results, Seen}) ->
+    {reply, {recorded, node(), X}, {results, [{call, X} | Seen]}};
 handle_call(Request, _From, State) -> {reply, {pong, node(), Request}, State}.
 handle_cast(_Msg, State) -> {noreply, State}.
+handle_info(Msg, {results, Seen}) -> {noreply, {results, [{info, Msg} | Seen]}};
+handle_info(_Msg, State) -> {noreply, State}.
 
 server_call(Name, Node, Request) ->
     gen_server:call({Name, Node}, Request, 5000).
@@ -219,6 +241,7 @@ capture_logs() ->
 log_store(Lines) ->
     receive
         {line, L} -> log_store([L | Lines]);
+        {report, R} -> log_store([R | Lines]);
         {get, From} -> From ! {lines, lists:reverse(Lines)}, log_store(Lines)
     end.
 
@@ -227,6 +250,11 @@ logs() ->
     receive {lines, Lines} -> Lines after 5000 -> [] end.
 
 %% logger handler callback
+log(#{msg := {report, Report}}, #{id := trust_dist_probe_reports}) ->
+    trust_dist_probe_reports ! {report, Report},
+    ok;
+log(_Event, #{id := trust_dist_probe_reports}) ->
+    ok;
 log(#{msg := Msg}, _Config) ->
     Text = case Msg of
                {string, S} -> S;
@@ -280,3 +308,440 @@ sink(N) ->
 ping_at(Node, AtMs) ->
     timer:sleep(max(0, AtMs - erlang:system_time(millisecond))),
     net_adm:ping(Node).
+
+%%% Directional trust: fixtures on the higher node
+
+%% What an attack from a lower node could disturb, (re)created if it is not as it should
+%% be: `results' (allowlisted for the lower tiers; a trapping gen_server under a registered
+%% parent, `results_parent'), `victim' (not allowlisted; records what reaches it, does not
+%% trap exits), the trust_dist log capture, and runtime_tools running.
+trust_fixtures() ->
+    ok = ensure_results(),
+    ok = ensure_victim(),
+    ok = case whereis(trust_dist_probe_logs) of
+             undefined -> capture_logs();
+             _ -> ok
+         end,
+    ok = case whereis(trust_dist_probe_reports) of
+             undefined -> capture_reports();
+             _ -> ok
+         end,
+    {ok, _} = application:ensure_all_started(runtime_tools),
+    ok.
+
+ensure_results() ->
+    case results_healthy() of
+        true -> ok;
+        false ->
+            [exit(P, kill) || N <- [results_parent, results], P <- [whereis(N)], is_pid(P)],
+            wait_unregistered([results, results_parent], 100),
+            start_results()
+    end.
+
+results_healthy() ->
+    case {whereis(results), whereis(results_parent)} of
+        {Pid, Parent} when is_pid(Pid), is_pid(Parent) ->
+            %% Not suspended, its state not replaced, and answering calls.
+            try {sys:get_status(Pid, 1000), gen_server:call(Pid, get, 1000)} of
+                {{status, Pid, _, [_, running | _]}, Seen} when is_list(Seen) -> true;
+                _ -> false
+            catch _:_ -> false
+            end;
+        _ -> false
+    end.
+
+start_results() ->
+    Self = self(),
+    Parent = spawn(fun() ->
+                           register(results_parent, self()),
+                           process_flag(trap_exit, true),
+                           {ok, Pid} = gen_server:start_link({local, results}, ?MODULE,
+                                                             results, []),
+                           Self ! {results_started, self()},
+                           receive {'EXIT', Pid, _} -> ok end
+                   end),
+    receive {results_started, Parent} -> ok after 5000 -> error(results_not_started) end.
+
+wait_unregistered(_Names, 0) -> error(still_registered);
+wait_unregistered(Names, N) ->
+    case [Name || Name <- Names, whereis(Name) =/= undefined] of
+        [] -> ok;
+        _ -> timer:sleep(10), wait_unregistered(Names, N - 1)
+    end.
+
+ensure_victim() ->
+    case whereis(victim) of
+        undefined ->
+            Self = self(),
+            spawn(fun() -> register(victim, self()), Self ! victim_up, victim_loop([]) end),
+            receive victim_up -> ok after 5000 -> error(victim_not_started) end;
+        _ -> ok
+    end.
+
+victim_loop(Seen) ->
+    receive
+        {'$victim_get', From} -> From ! {victim_seen, lists:reverse(Seen)}, victim_loop(Seen);
+        Msg -> victim_loop([Msg | Seen])
+    end.
+
+%% Keeps every logger report of the trust_dist domain as the term it is (log/2 keeps
+%% text), so a test can check a report's keys.
+capture_reports() ->
+    Pid = spawn(fun() -> log_store([]) end),
+    register(trust_dist_probe_reports, Pid),
+    ok = logger:add_handler(trust_dist_probe_reports, ?MODULE,
+                            #{level => all,
+                              filter_default => stop,
+                              filters => [{td, {fun logger_filters:domain/2,
+                                                {log, sub, [trust_dist]}}}]}),
+    ok.
+
+%% The reports captured so far whose `what' is What (all: every report).
+reports(What) ->
+    trust_dist_probe_reports ! {get, self()},
+    receive
+        {lines, Reports} ->
+            [R || R <- Reports, is_map(R), What =:= all orelse maps:get(what, R, none) =:= What]
+    after 5000 -> []
+    end.
+
+%% What `results' has recorded, oldest first; big terms summarised.
+results_seen() ->
+    try gen_server:call(results, get, 2000) of
+        Seen when is_list(Seen) -> [summarise(E) || E <- Seen];
+        Other -> {not_results, Other}
+    catch
+        exit:Why -> {results_unavailable, Why}
+    end.
+
+summarise({info, {atoms, Tag, Atoms}}) -> {info, {atoms, Tag, length(Atoms)}};
+summarise({info, {big, Tag, Bin}}) -> {info, {big, Tag, byte_size(Bin)}};
+summarise(Entry) -> Entry.
+
+%% Waits until `results' has recorded Entry: true, false (not within Ms) or results_down
+%% (the process died or was replaced meanwhile).
+results_await(Entry, Ms) ->
+    Pid = whereis(results),
+    results_await(Entry, Pid, erlang:monotonic_time(millisecond) + Ms).
+
+results_await(Entry, Pid, Deadline) ->
+    case whereis(results) =:= Pid andalso is_pid(Pid) andalso results_seen() of
+        false -> results_down;
+        Seen when is_list(Seen) ->
+            case lists:member(Entry, Seen) of
+                true -> true;
+                false ->
+                    case erlang:monotonic_time(millisecond) > Deadline of
+                        true -> false;
+                        false -> timer:sleep(20), results_await(Entry, Pid, Deadline)
+                    end
+            end;
+        _ -> results_down
+    end.
+
+%% The raw state of `results' through a local system message (times out if suspended).
+results_state() ->
+    try sys:get_state(results, 1000) of
+        {results, Seen} -> {results, [summarise(E) || E <- lists:reverse(Seen)]};
+        Other -> Other
+    catch
+        exit:Why -> {unavailable, Why}
+    end.
+
+victim_seen() ->
+    victim ! {'$victim_get', self()},
+    receive {victim_seen, Seen} -> Seen after 2000 -> timeout end.
+
+whereis_all(Names) ->
+    maps:from_list([{N, whereis(N)} || N <- Names]).
+
+group_leader_of(Name) ->
+    {group_leader, Gl} = process_info(whereis(Name), group_leader),
+    Gl.
+
+links_of(Name) ->
+    {links, Links} = process_info(whereis(Name), links),
+    Links.
+
+%% How many monitors processes of Node hold on the process registered as Name.
+monitors_from(Name, Node) ->
+    {monitored_by, By} = process_info(whereis(Name), monitored_by),
+    length([P || P <- By, is_pid(P), node(P) =:= Node]).
+
+%% The identity of the current connection to Node (none if not connected).
+connection_id(Node) ->
+    case lists:keyfind(Node, 1, erlang:nodes(connected, #{connection_id => true})) of
+        {Node, #{connection_id := Id}} -> Id;
+        false -> none
+    end.
+
+app_running(App) ->
+    lists:keymember(App, 1, application:which_applications()).
+
+in_code_path(Dir) ->
+    lists:member(Dir, code:get_path()).
+
+%%% Directional trust: code the lower node asks the higher node to run
+
+%% Leaves a marker file: proof that code a peer supplied ran here.
+touch(Path) ->
+    ok = file:write_file(Path, atom_to_list(node())),
+    {touched, node()}.
+
+%% The one function the policy lets the lower tier call through erpc/rpc.
+allowed_fun(X) -> {allowed, node(), X}.
+
+%% Same module, not in the policy's rpc list.
+forbidden_fun(Path) -> touch(Path).
+
+%%% Directional trust: what the lower node tries (these run on the attacker)
+
+now_ms() -> erlang:monotonic_time(millisecond).
+
+timed(Fun) ->
+    T0 = now_ms(),
+    Result = try {ok, Fun()} catch Class:Reason -> {Class, Reason} end,
+    {Result, now_ms() - T0}.
+
+%% Node.spawn of touch(Path) on Node: how the returned pid ended and how soon.
+try_spawn(Node, Path) ->
+    T0 = now_ms(),
+    Pid = spawn(Node, ?MODULE, touch, [Path]),
+    Ref = monitor(process, Pid),
+    receive
+        {'DOWN', Ref, process, Pid, Why} -> {down, Why, now_ms() - T0}
+    after 3000 ->
+        demonitor(Ref, [flush]),
+        {alive, Pid}
+    end.
+
+try_erpc(Node, M, F, A) ->
+    timed(fun() -> erpc:call(Node, M, F, A, 3000) end).
+
+try_rpc(Node, M, F, A) ->
+    timed(fun() -> rpc:call(Node, M, F, A, 3000) end).
+
+send_to(Dest, Msg) ->
+    Dest ! Msg,
+    ok.
+
+send_exit(Pid, Reason) ->
+    exit(Pid, Reason),
+    ok.
+
+%% A process here links to Pid, then dies abnormally.
+link_then_exit(Pid) ->
+    {P, Ref} = spawn_monitor(fun() -> link(Pid), timer:sleep(200), exit(trust_attack) end),
+    receive {'DOWN', Ref, process, P, Why} -> Why after 3000 -> timeout end.
+
+%% Makes a process of this node the group leader of Pid (on another node).
+set_group_leader(Pid) ->
+    Leader = park(),
+    group_leader(Leader, Pid),
+    Leader.
+
+try_replace_state(Dest) ->
+    timed(fun() -> sys:replace_state(Dest, fun ?MODULE:hijack/1, 1000) end).
+
+hijack(_State) -> hijacked.
+
+try_suspend(Dest) ->
+    timed(fun() -> sys:suspend(Dest, 1000) end).
+
+%% An {'EXIT', Parent, shutdown} message, as if the parent had died.
+forged_exit(Dest, Parent) ->
+    Dest ! {'EXIT', Parent, shutdown},
+    ok.
+
+%% {stop, stop} to init, by name and by its (guessed) pid.
+init_stop(Node, InitPid) ->
+    {init, Node} ! {stop, stop},
+    InitPid ! {stop, stop},
+    ok.
+
+%% rex runs what it is sent: a cast and a call in the legacy rpc forms.
+rex_attack(Node, CastPath, CallPath) ->
+    gen_server:cast({rex, Node}, {cast, ?MODULE, touch, [CastPath], group_leader()}),
+    timed(fun() ->
+                  gen_server:call({rex, Node}, {call, ?MODULE, touch, [CallPath], group_leader()},
+                                  1000)
+          end).
+
+%% Asks the victim's net_kernel to drop its connection to Other.
+net_kernel_attack(Node, Other) ->
+    timed(fun() -> gen_server:call({net_kernel, Node}, {disconnect, Other}, 1000) end).
+
+%% Asks the victim's code server to put Dir first in the code path (OTP 25 and OTP 26+
+%% request forms) and to load a module Mod compiled here.
+code_server_attack(Node, Dir, Mod) ->
+    Forms = [{attribute, 1, module, Mod}, {attribute, 2, export, [{f, 0}]},
+             {function, 3, f, 0, [{clause, 3, [], [], [{atom, 3, ok}]}]}],
+    {ok, Mod, Bin} = compile:forms(Forms, []),
+    %% From a process of its own: the code server's replies ({code_server, _}) must not
+    %% reach a process that later asks its own code server for something.
+    spawn(fun() ->
+                  Server = {code_server, Node},
+                  Server ! {code_call, self(), {add_path, first, Dir}},
+                  Server ! {code_call, self(), {add_path, first, Dir, nocache}},
+                  Server ! {code_call, self(), {load_binary, Mod, atom_to_list(Mod) ++ ".erl", Bin}},
+                  timer:sleep(1000)
+          end),
+    ok.
+
+appctl_attack(Node, App) ->
+    timed(fun() -> gen_server:call({application_controller, Node}, {stop_application, App},
+                                   1000)
+          end).
+
+%% global's registrar runs the fun it is sent (with the list of known nodes).
+global_attack(Node, Path) ->
+    timed(fun() ->
+                  gen_server:call({global_name_server, Node},
+                                  {registrar, fun(_Nodes) -> touch(Path) end}, 1000)
+          end).
+
+%% N fresh atoms (made here, unknown on the receiver), Batch per message, then
+%% {atoms_done, Tag}.
+atom_flood(Dest, Tag, N, Batch) ->
+    Prefix = "trust_dist_fresh_" ++ integer_to_list(Tag) ++ "_",
+    send_atoms(Dest, Tag, Prefix, 0, N, Batch),
+    Dest ! {atoms_done, Tag},
+    ok.
+
+send_atoms(_Dest, _Tag, _Prefix, I, N, _Batch) when I >= N -> ok;
+send_atoms(Dest, Tag, Prefix, I, N, Batch) ->
+    Atoms = [list_to_atom(Prefix ++ integer_to_list(J)) || J <- lists:seq(I, min(N, I + Batch) - 1)],
+    Dest ! {atoms, Tag, Atoms},
+    send_atoms(Dest, Tag, Prefix, I + Batch, N, Batch).
+
+%% {big, Tag, Size bytes}, then {big_done, Tag}.
+big_message(Dest, Tag, Size) ->
+    Dest ! {big, Tag, binary:copy(<<7>>, Size)},
+    Dest ! {big_done, Tag},
+    ok.
+
+%% A process here takes N monitors on Target and counts the DOWNs that come back within
+%% WaitMs; it keeps its monitors until release/1. Returns {Holder, #{Reason => Count},
+%% Elapsed}.
+monitor_flood(Target, N, WaitMs) ->
+    Caller = self(),
+    Holder = spawn(fun() ->
+                           T0 = now_ms(),
+                           _ = [monitor(process, Target) || _ <- lists:seq(1, N)],
+                           Downs = collect_downs(N, T0 + WaitMs, #{}),
+                           Caller ! {flood_report, self(), Downs, now_ms() - T0},
+                           receive release -> ok after 60000 -> ok end
+                   end),
+    receive
+        {flood_report, Holder, Downs, Ms} -> {Holder, Downs, Ms}
+    after WaitMs + 5000 -> {Holder, timeout, WaitMs + 5000}
+    end.
+
+collect_downs(0, _Deadline, Acc) -> Acc;
+collect_downs(Left, Deadline, Acc) ->
+    receive
+        {'DOWN', _, process, _, Why} ->
+            collect_downs(Left - 1, Deadline, maps:update_with(Why, fun(C) -> C + 1 end, 1, Acc))
+    after max(0, Deadline - now_ms()) -> Acc
+    end.
+
+release(Holder) ->
+    Holder ! release,
+    ok.
+
+%% Writes one REG_SEND distribution packet by hand on the link to Node, with From as the
+%% sender pid in the control message: a pid of this node, or one it merely claims.
+%% Restricted links negotiate no atom cache, so the packet is a pass-through one.
+inject_reg_send(Node, From, ToName, Msg) ->
+    [Link] = [L || {N, L, _} <- trust_dist_server:links(), N =:= Node],
+    Packet = <<112, (term_to_binary({6, From, '', ToName}))/binary,
+               (term_to_binary(Msg))/binary>>,
+    trust_dist_nif:send(Link, [Packet]).
+
+%% Monitors Dest (pid or {Name, Node}) for Ms: alive, or {down, Reason}.
+monitor_alive(Dest, Ms) ->
+    Ref = monitor(process, Dest),
+    receive {'DOWN', Ref, process, _, Why} -> {down, Why}
+    after Ms -> demonitor(Ref, [flush]), alive
+    end.
+
+%% A process registered as Name that takes gen_server calls, keeps the caller's From and
+%% replies {genuine, Request} after DelayMs.
+start_slow(Name, DelayMs) ->
+    Self = self(),
+    spawn(fun() -> register(Name, self()), Self ! slow_up, slow_loop(DelayMs, none) end),
+    receive slow_up -> ok after 5000 -> error(slow_not_started) end.
+
+slow_loop(DelayMs, Last) ->
+    receive
+        {'$gen_call', From, Request} ->
+            _ = timer:apply_after(DelayMs, gen, reply, [From, {genuine, Request}]),
+            slow_loop(DelayMs, From);
+        {last_from, Pid} -> Pid ! {last_from, Last}, slow_loop(DelayMs, Last)
+    end.
+
+slow_last_from(Name) ->
+    Name ! {last_from, self()},
+    receive {last_from, From} -> From after 2000 -> timeout end.
+
+%% Sends Reply to the caller behind a gen_server From, as the callee would: through its
+%% alias (OTP 24+ callers) or to its pid.
+forge_reply({Pid, Tag}, Reply) ->
+    case Tag of
+        [alias | Alias] -> Alias ! {Tag, Reply};
+        _ -> Pid ! {Tag, Reply}
+    end,
+    ok.
+
+%%% Directional trust: what the higher node does downward
+
+%% A process here whose group leader captures io spawns io:put_chars(Text) on Node; the
+%% output must land here. Returns what the group leader captured.
+remote_io(Node, Text) ->
+    Gl = spawn(fun() -> capture_gl([]) end),
+    Self = self(),
+    spawn(fun() ->
+                  group_leader(Gl, self()),
+                  Pid = spawn(Node, io, put_chars, [Text]),
+                  Ref = monitor(process, Pid),
+                  receive {'DOWN', Ref, _, _, _} -> ok after 5000 -> ok end,
+                  Self ! {remote_io_done, Gl}
+          end),
+    receive {remote_io_done, Gl} -> ok after 6000 -> ok end,
+    Gl ! {get, self()},
+    receive {captured, Chars} -> exit(Gl, kill), Chars after 2000 -> timeout end.
+
+capture_gl(Acc) ->
+    receive
+        {io_request, From, ReplyAs, Req} ->
+            {Reply, Acc1} = io_req(Req, Acc),
+            From ! {io_reply, ReplyAs, Reply},
+            capture_gl(Acc1);
+        {get, From} ->
+            From ! {captured, iolist_to_binary(lists:reverse(Acc))},
+            capture_gl(Acc)
+    end.
+
+io_req({put_chars, Enc, Chars}, Acc) ->
+    {ok, [unicode:characters_to_binary(Chars, Enc) | Acc]};
+io_req({put_chars, Enc, M, F, A}, Acc) ->
+    io_req({put_chars, Enc, apply(M, F, A)}, Acc);
+io_req({put_chars, Chars}, Acc) ->
+    io_req({put_chars, latin1, Chars}, Acc);
+io_req(_Other, Acc) ->
+    {{error, enotsup}, Acc}.
+
+%% exit(Pid, kill) on a process parked on Node; how it ended.
+remote_kill(Node) ->
+    Pid = erpc:call(Node, ?MODULE, park, []),
+    Ref = monitor(process, Pid),
+    exit(Pid, kill),
+    receive {'DOWN', Ref, process, Pid, Why} -> {down, Why} after 3000 -> alive end.
+
+global_register(Name) ->
+    Pid = park(),
+    yes = global:register_name(Name, Pid),
+    Pid.
+
+global_lookup(Name) ->
+    global:whereis_name(Name).
