@@ -156,7 +156,8 @@ counters_as_atoms(#{counters := Counters} = Link) ->
                           maps:from_list([{binary_to_atom(O), N} || {O, N} <- maps:to_list(ByOutcome)])}
                          || {Op, ByOutcome} <- maps:to_list(Counters)])};
 counters_as_atoms(Link) ->
-    Link.
+    %% A full link parses nothing, so it has nothing to count.
+    Link#{counters => #{}, denied => 0}.
 
 %%% Internal
 

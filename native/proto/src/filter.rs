@@ -588,10 +588,10 @@ impl LinkFilter {
         }
         // Every atom, identifier and fun in the control message and the payload.
         if let Some((reason, detail)) = self.scan(&decoded, atoms) {
-            let verdict = if reason == Reason::Malformed {
-                Verdict::Close
-            } else {
-                Verdict::Drop
+            let verdict = match (reason, self.refusal_answer(&decoded)) {
+                (Reason::Malformed, _) => Verdict::Close,
+                (_, Some(answer)) => Verdict::Answer(answer),
+                (_, None) => Verdict::Drop,
             };
             return done(op, verdict, Some(reason), detail);
         }
@@ -612,6 +612,33 @@ impl LinkFilter {
             Rule::Answer(reason, detail, answer) => {
                 done(op, Verdict::Answer(answer), Some(reason), detail)
             }
+        }
+    }
+
+    /// The answer that spares the peer's caller a wait when a request of one of its
+    /// processes is refused: a spawn reply `notsup`, a monitor exit or a link exit
+    /// `noproc`. None for anything else, or when the sender is not the peer's.
+    fn refusal_answer(&self, p: &Packet<'_>) -> Option<Vec<u8>> {
+        match p.control {
+            Control::SpawnRequest { req_id, from, .. } if self.is_peer(&from) => {
+                Some(control::answer::spawn_error(req_id.raw, from.raw, "notsup"))
+            }
+            Control::MonitorP {
+                from, reference, ..
+            } if self.is_peer(&from) => {
+                let (term, _) = Term::parse(p.control_bytes).ok()?;
+                let target = term.as_tuple()?.raw(2).ok()?;
+                Some(control::answer::monitor_exit(
+                    target,
+                    from.raw,
+                    reference.raw,
+                    "noproc",
+                ))
+            }
+            Control::Link { from, to } if self.is_peer(&from) && self.is_local(&to) => {
+                Some(control::answer::link_exit(to.raw, from.raw, "noproc"))
+            }
+            _ => None,
         }
     }
 
@@ -758,7 +785,7 @@ impl LinkFilter {
                 Rule::Answer(
                     Reason::LinkDenied,
                     "link from a lower tier".into(),
-                    control::answer::link_exit(to.raw, from.raw, "noproc"),
+                    self.refusal_answer(p).unwrap_or_default(),
                 )
             }
             C::Unlink { from, .. } => {
@@ -822,7 +849,7 @@ impl LinkFilter {
                 reference,
             } => {
                 self.sender(&from)?;
-                self.peer_monitor(p, &from, &to, &reference)?
+                self.peer_monitor(p, &to, &reference)?
             }
             C::DemonitorP {
                 from, reference, ..
@@ -847,7 +874,7 @@ impl LinkFilter {
             } => {
                 self.sender(&from)?;
                 self.sender(&group_leader)?;
-                self.spawn_request(p, &req_id, &from, module, function, options)?
+                self.spawn_request(p, &req_id, module, function, options)?
             }
             C::SpawnReply {
                 req_id,
@@ -957,7 +984,6 @@ impl LinkFilter {
     fn peer_monitor(
         &mut self,
         p: &Packet<'_>,
-        from: &Pid<'_>,
         to: &Proc<'_>,
         reference: &Reference<'_>,
     ) -> Result<Rule, Rule> {
@@ -972,18 +998,7 @@ impl LinkFilter {
                 }
             }
         };
-        let noproc = || {
-            let target = Term::parse(p.control_bytes)
-                .ok()
-                .and_then(|(t, _)| t.as_tuple())
-                .and_then(|t| t.raw(2).ok());
-            match target {
-                Some(target) => {
-                    control::answer::monitor_exit(target, from.raw, reference.raw, "noproc")
-                }
-                None => Vec::new(),
-            }
-        };
+        let noproc = || self.refusal_answer(p).unwrap_or_default();
         if !reference.node.is(&self.peer.name) {
             return Err(refuse(
                 Reason::SpoofedSender,
@@ -1009,17 +1024,12 @@ impl LinkFilter {
         &mut self,
         p: &Packet<'_>,
         req_id: &Reference<'_>,
-        from: &Pid<'_>,
         module: Atom<'_>,
         function: Atom<'_>,
         options: Term<'_>,
     ) -> Result<Rule, Rule> {
         let notsup = |reason, detail: String| {
-            Rule::Answer(
-                reason,
-                detail,
-                control::answer::spawn_error(req_id.raw, from.raw, "notsup"),
-            )
+            Rule::Answer(reason, detail, self.refusal_answer(p).unwrap_or_default())
         };
         let Some((m, f, a)) = real_mfa(module, function, p.payload) else {
             return Ok(notsup(
