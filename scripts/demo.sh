@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: two nodes of unequal trust on this machine, keys generated on the spot.
-# my_desktop (tier admin) drives ec2_node (tier worker) over the trust_dist carrier.
+# my_desktop (tier admin) drives ec2_node (tier worker) over the trust_dist carrier; then
+# ec2_node tries to run code on, stop and flood the desktop, and is refused.
 # Exits 0 only if every step held; leaves no process behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -4,6 +4,8 @@
 -module(trust_dist_demo).
 
 -export([serve/0, run/1]).
+%% What the server tries against the desktop, run on the server.
+-export([try_spawn/1, try_stop_init/1, try_atom_flood/2]).
 
 %% On the server: a registered gen_server-free echo, then wait to be stopped.
 serve() ->
@@ -41,19 +43,61 @@ run([ServerArg]) ->
                        Size = erpc:call(Server, erlang, byte_size, [Bin], 60000),
                        Ms = max(1, erlang:monotonic_time(millisecond) - T0),
                        true = Size =:= byte_size(Bin),
-                       {ok, io_lib:format("~b MiB in ~b ms", [Size bsr 20, Ms])} end}],
+                       {ok, io_lib:format("~b MiB in ~b ms", [Size bsr 20, Ms])} end},
+             %% The other way: the server is of a lower tier. The desktop has it try
+             %% (with code the server already has), and checks the effect did not happen.
+             {"server tries to run code on the desktop (erpc:call os:cmd) - refused",
+              fun() -> case erpc:call(Server, ?MODULE, try_spawn, [node()]) of
+                           {{erpc, notsup}, Ms} ->
+                               {ok, io_lib:format("the server's erpc failed with notsup in ~b ms", [Ms])};
+                           Other -> {error, io_lib:format("~p", [Other])}
+                       end end},
+             {"server sends {stop, stop} to the desktop's init - refused",
+              fun() -> ok = erpc:call(Server, ?MODULE, try_stop_init, [node()]),
+                       timer:sleep(500),
+                       case element(1, init:get_status()) of
+                           stopping -> {error, "the desktop is stopping"};
+                           _ -> {ok, "the desktop is still running"}
+                       end end},
+             {"server sends 10,000 new atoms to the desktop - refused",
+              fun() -> Before = erlang:system_info(atom_count),
+                       ok = erpc:call(Server, ?MODULE, try_atom_flood, [node(), 10000]),
+                       timer:sleep(500),
+                       Grew = erlang:system_info(atom_count) - Before,
+                       case Grew of
+                           0 -> {ok, "the desktop's atom table did not grow"};
+                           _ -> {error, io_lib:format("atom table grew by ~b", [Grew])}
+                       end end}],
     io:format("~ntrust_dist demo: ~p (tier admin) drives ~p (tier worker)~n~n", [node(), Server]),
     Results = [step(Name, Fun) || {Name, Fun} <- Steps],
     io:format("~nlinks of ~p:~n", [node()]),
-    [io:format("  ~p  tier=~s mode=~p key=~s  in=~b B/~b pkts  out=~b B/~b pkts~n",
-               [maps:get(node, L), maps:get(tier, L), maps:get(mode, L), maps:get(fingerprint, L),
-                maps:get(bytes_in, L), maps:get(packets_in, L),
-                maps:get(bytes_out, L), maps:get(packets_out, L)])
+    [begin
+         io:format("  ~p  tier=~s mode=~p key=~s  in=~b B/~b pkts  out=~b B/~b pkts  refused=~b~n",
+                   [maps:get(node, L), maps:get(tier, L), maps:get(mode, L), maps:get(fingerprint, L),
+                    maps:get(bytes_in, L), maps:get(packets_in, L),
+                    maps:get(bytes_out, L), maps:get(packets_out, L), maps:get(denied, L)]),
+         [io:format("      ~-24s ~p~n", [Op, ByOutcome])
+          || {Op, ByOutcome} <- lists:sort(maps:to_list(maps:get(counters, L)))]
+     end
      || L <- trust_dist:links()],
     catch erpc:call(Server, init, stop, [], 2000),
     Failed = length([R || R <- Results, R =/= ok]),
     io:format("~n~b steps, ~b failed~n", [length(Results), Failed]),
     halt(if Failed =:= 0 -> 0; true -> 1 end).
+
+try_spawn(Desktop) ->
+    T0 = erlang:monotonic_time(millisecond),
+    Result = try erpc:call(Desktop, os, cmd, ["id"], 5000) catch error:E -> E end,
+    {Result, erlang:monotonic_time(millisecond) - T0}.
+
+try_stop_init(Desktop) ->
+    {init, Desktop} ! {stop, stop},
+    ok.
+
+try_atom_flood(Desktop, N) ->
+    Atoms = [list_to_atom("demo_fresh_" ++ integer_to_list(I)) || I <- lists:seq(1, N)],
+    [{init, Desktop} ! {A} || A <- Atoms],
+    ok.
 
 step(Name, Fun) ->
     Result = try Fun() catch C:R -> {error, io_lib:format("~p:~p", [C, R])} end,

@@ -873,8 +873,7 @@ impl LinkFilter {
                 ..
             } => {
                 self.sender(&from)?;
-                self.sender(&group_leader)?;
-                self.spawn_request(p, &req_id, module, function, options)?
+                self.spawn_request(p, &req_id, &group_leader, module, function, options)?
             }
             C::SpawnReply {
                 req_id,
@@ -1024,6 +1023,7 @@ impl LinkFilter {
         &mut self,
         p: &Packet<'_>,
         req_id: &Reference<'_>,
+        group_leader: &Pid<'_>,
         module: Atom<'_>,
         function: Atom<'_>,
         options: Term<'_>,
@@ -1059,6 +1059,18 @@ impl LinkFilter {
             return Err(refuse(
                 Reason::SpoofedSender,
                 "spawn request id of another node",
+            ));
+        }
+        // The group leader is the peer's, or one of ours the peer was given: a process
+        // this node spawned there passes its group leader on to what it spawns.
+        let key = group_leader.key();
+        let given = self.is_local(group_leader)
+            && (self.group_leaders.contains(&key)
+                || (self.granted_pids.contains(&key) && !self.system.contains_key(&key)));
+        if !self.is_peer(group_leader) && !given {
+            return Ok(notsup(
+                Reason::UngrantedIdentity,
+                format!("group leader <{}.{}>", group_leader.id, group_leader.serial),
             ));
         }
         Ok(Rule::Deliver)
