@@ -1556,3 +1556,530 @@ fn probe(capability: &Capability, policy: TierPolicy) -> bool {
         )
         || decision.audited
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etf::{encode, tag, VERSION};
+
+    const LOCAL: &str = "hi@host";
+    const PEER: &str = "lo@host";
+
+    struct Known(&'static [&'static str]);
+    impl AtomTable for Known {
+        fn exists(&self, atom: Atom<'_>) -> bool {
+            self.0.iter().any(|a| atom.is(a))
+        }
+    }
+    const ATOMS: Known = Known(&[
+        "",
+        "ok",
+        "hello",
+        "system",
+        "EXIT",
+        "io_request",
+        "put_chars",
+        "unicode",
+        "erpc",
+        "execute_call",
+        "m",
+        "f",
+        "monitor",
+        "features_reply",
+        "features_request",
+        "x",
+        "normal",
+        "results",
+        "rex",
+        "net_kernel",
+        "$gen_call",
+        "is_auth",
+        PEER,
+        LOCAL,
+    ]);
+
+    fn pid(node: &str, id: u32, creation: u32) -> Vec<u8> {
+        let mut v = vec![tag::NEW_PID];
+        encode::atom(&mut v, node);
+        v.extend_from_slice(&id.to_be_bytes());
+        v.extend_from_slice(&0u32.to_be_bytes());
+        v.extend_from_slice(&creation.to_be_bytes());
+        v
+    }
+    fn local(id: u32) -> Vec<u8> {
+        pid(LOCAL, id, 1)
+    }
+    fn peer(id: u32) -> Vec<u8> {
+        pid(PEER, id, 2)
+    }
+    fn reference(node: &str, n: u32) -> Vec<u8> {
+        let mut v = vec![tag::NEWER_REFERENCE, 0, 3];
+        encode::atom(&mut v, node);
+        v.extend_from_slice(&(if node == LOCAL { 1u32 } else { 2 }).to_be_bytes());
+        for w in [n, 0, 0] {
+            v.extend_from_slice(&w.to_be_bytes());
+        }
+        v
+    }
+    fn atom(name: &str) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode::atom(&mut v, name);
+        v
+    }
+    fn tuple(items: &[Vec<u8>]) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode::small_tuple(&mut v, items.len() as u8);
+        for i in items {
+            v.extend_from_slice(i);
+        }
+        v
+    }
+    fn list(items: &[Vec<u8>]) -> Vec<u8> {
+        if items.is_empty() {
+            return vec![tag::NIL];
+        }
+        let mut v = vec![tag::LIST];
+        v.extend_from_slice(&(items.len() as u32).to_be_bytes());
+        for i in items {
+            v.extend_from_slice(i);
+        }
+        v.push(tag::NIL);
+        v
+    }
+    fn packet(op: u8, elements: &[Vec<u8>], payload: Option<Vec<u8>>) -> Vec<u8> {
+        let mut control = vec![Vec::new()];
+        encode::small_int(&mut control[0], op);
+        control.extend_from_slice(elements);
+        let mut v = vec![112, VERSION];
+        v.extend(tuple(&control));
+        if let Some(p) = payload {
+            v.push(VERSION);
+            v.extend(p);
+        }
+        v
+    }
+    fn filter(policy: TierPolicy, system: Vec<(String, PidKey)>) -> LinkFilter {
+        LinkFilter::new(
+            NodeId {
+                name: LOCAL.into(),
+                creation: 1,
+            },
+            NodeId {
+                name: PEER.into(),
+                creation: 2,
+            },
+            policy,
+            system,
+        )
+    }
+    fn key(id: u32) -> PidKey {
+        PidKey {
+            id,
+            serial: 0,
+            creation: 1,
+        }
+    }
+    fn send_sender(from: Vec<u8>, to: Vec<u8>, payload: Vec<u8>) -> Vec<u8> {
+        packet(22, &[from, to], Some(payload))
+    }
+    fn delivered(d: &Decision) -> bool {
+        matches!(d.verdict, Verdict::Deliver | Verdict::DeliverRewritten(_)) && !d.audited
+    }
+
+    #[test]
+    fn a_pid_is_reachable_only_once_handed_out_and_never_if_a_system_process() {
+        let mut f = filter(TierPolicy::default(), vec![("rex".into(), key(9))]);
+        let msg = send_sender(peer(5), local(100), atom("hello"));
+        let d = f.decide(&msg, &ATOMS);
+        assert_eq!(
+            (d.verdict.clone(), d.reason),
+            (Verdict::Drop, Some(Reason::NotGranted))
+        );
+        // This node sends the peer a message carrying pid 100 and rex's pid 9.
+        f.observe_outgoing(&send_sender(
+            local(1),
+            peer(5),
+            tuple(&[local(100), local(9)]),
+        ));
+        assert!(delivered(&f.decide(&msg, &ATOMS)));
+        let to_rex = send_sender(peer(5), local(9), atom("hello"));
+        assert_eq!(
+            f.decide(&to_rex, &ATOMS).reason,
+            Some(Reason::SystemProcess)
+        );
+        // Only rex's own feature reply reaches it.
+        let reply = send_sender(
+            peer(5),
+            local(9),
+            tuple(&[atom("features_reply"), atom(PEER), list(&[atom("erpc")])]),
+        );
+        assert!(delivered(&f.decide(&reply, &ATOMS)));
+    }
+
+    #[test]
+    fn granted_processes_still_get_no_system_messages_or_forged_exits() {
+        let mut f = filter(TierPolicy::default(), Vec::new());
+        f.observe_outgoing(&send_sender(local(1), peer(5), local(100)));
+        let sys = send_sender(
+            peer(5),
+            local(100),
+            tuple(&[atom("system"), peer(5), atom("x")]),
+        );
+        assert_eq!(f.decide(&sys, &ATOMS).reason, Some(Reason::SystemMessage));
+        let exit = send_sender(
+            peer(5),
+            local(100),
+            tuple(&[atom("EXIT"), peer(5), atom("normal")]),
+        );
+        assert_eq!(f.decide(&exit, &ATOMS).reason, Some(Reason::ForgedSignal));
+        let io = send_sender(
+            peer(5),
+            local(100),
+            tuple(&[atom("io_request"), peer(5), peer(5), atom("x")]),
+        );
+        assert_eq!(f.decide(&io, &ATOMS).reason, Some(Reason::IoRequest));
+    }
+
+    #[test]
+    fn io_requests_reach_a_group_leader_given_in_a_spawn_request() {
+        let mut f = filter(TierPolicy::default(), vec![("user".into(), key(50))]);
+        let spawn = packet(
+            29,
+            &[
+                reference(LOCAL, 1),
+                local(1),
+                local(50),
+                tuple(&[atom("m"), atom("f"), vec![tag::SMALL_INTEGER, 0]]),
+                list(&[]),
+            ],
+            Some(list(&[])),
+        );
+        f.observe_outgoing(&spawn);
+        let io = send_sender(
+            peer(6),
+            local(50),
+            tuple(&[
+                atom("io_request"),
+                peer(6),
+                reference(PEER, 3),
+                tuple(&[
+                    atom("put_chars"),
+                    atom("unicode"),
+                    vec![tag::BINARY, 0, 0, 0, 1, b'x'],
+                ]),
+            ]),
+        );
+        assert!(delivered(&f.decide(&io, &ATOMS)));
+        // Anything else to that system process is still refused.
+        let other = send_sender(peer(6), local(50), atom("hello"));
+        assert!(!delivered(&f.decide(&other, &ATOMS)));
+    }
+
+    #[test]
+    fn a_spawn_request_may_pass_on_a_group_leader_we_gave_but_not_a_guessed_one() {
+        let policy = TierPolicy {
+            rpc: [("m".into(), "f".into(), 0)].into_iter().collect(),
+            ..TierPolicy::default()
+        };
+        let mut f = filter(policy, Vec::new());
+        let request = |gl: Vec<u8>| {
+            packet(
+                29,
+                &[
+                    reference(PEER, 1),
+                    peer(5),
+                    gl,
+                    tuple(&[atom("m"), atom("f"), vec![tag::SMALL_INTEGER, 0]]),
+                    list(&[]),
+                ],
+                Some(list(&[])),
+            )
+        };
+        assert!(delivered(&f.decide(&request(peer(5)), &ATOMS)));
+        let guessed = f.decide(&request(local(77)), &ATOMS);
+        assert!(matches!(guessed.verdict, Verdict::Answer(_)), "{guessed:?}");
+        f.observe_outgoing(&packet(
+            29,
+            &[
+                reference(LOCAL, 2),
+                local(3),
+                local(77),
+                tuple(&[atom("m"), atom("f"), vec![tag::SMALL_INTEGER, 0]]),
+                list(&[]),
+            ],
+            Some(list(&[])),
+        ));
+        assert!(delivered(&f.decide(&request(local(77)), &ATOMS)));
+    }
+
+    #[test]
+    fn refused_requests_are_answered_so_callers_fail_fast() {
+        let mut f = filter(TierPolicy::default(), Vec::new());
+        let spawn = packet(
+            29,
+            &[
+                reference(PEER, 1),
+                peer(5),
+                peer(5),
+                tuple(&[
+                    atom("erpc"),
+                    atom("execute_call"),
+                    vec![tag::SMALL_INTEGER, 4],
+                ]),
+                list(&[atom("monitor")]),
+            ],
+            Some(list(&[reference(PEER, 2), atom("m"), atom("f"), list(&[])])),
+        );
+        let d = f.decide(&spawn, &ATOMS);
+        let Verdict::Answer(answer) = d.verdict else {
+            panic!("{d:?}")
+        };
+        let reply = control::decode(&answer).expect("answer decodes");
+        match reply.control {
+            Control::SpawnReply {
+                to, result, flags, ..
+            } => {
+                assert_eq!(to.raw, peer(5).as_slice());
+                assert!(result.is_atom("notsup"));
+                assert_eq!(flags, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A spawn request with an atom this node does not know is answered all the same.
+        let unknown = packet(
+            29,
+            &[
+                reference(PEER, 1),
+                peer(5),
+                peer(5),
+                tuple(&[atom("nosuchmodule"), atom("f"), vec![tag::SMALL_INTEGER, 0]]),
+                list(&[]),
+            ],
+            Some(list(&[])),
+        );
+        let d = f.decide(&unknown, &ATOMS);
+        assert_eq!(d.reason, Some(Reason::NewAtom));
+        assert!(matches!(d.verdict, Verdict::Answer(_)));
+    }
+
+    #[test]
+    fn senders_must_be_the_peer_as_its_handshake_named_it() {
+        let policy = TierPolicy {
+            registered: ["results".to_string()].into_iter().collect(),
+            ..TierPolicy::default()
+        };
+        let mut f = filter(policy, Vec::new());
+        let reg =
+            |from: Vec<u8>| packet(6, &[from, atom(""), atom("results")], Some(atom("hello")));
+        assert!(delivered(&f.decide(&reg(peer(5)), &ATOMS)));
+        for spoof in [pid(PEER, 5, 3), local(5), pid("third@host", 5, 2)] {
+            assert_eq!(
+                f.decide(&reg(spoof), &ATOMS).reason,
+                Some(Reason::SpoofedSender)
+            );
+        }
+    }
+
+    #[test]
+    fn links_exits_and_monitor_exits_pass_only_for_what_this_node_created() {
+        let mut f = filter(TierPolicy::default(), Vec::new());
+        let exit = packet(24, &[peer(5), local(1)], Some(atom("normal")));
+        assert_eq!(f.decide(&exit, &ATOMS).reason, Some(Reason::UnknownLink));
+        f.observe_outgoing(&packet(1, &[local(1), peer(5)], None));
+        assert!(delivered(&f.decide(&exit, &ATOMS)));
+        assert_eq!(
+            f.decide(&exit, &ATOMS).reason,
+            Some(Reason::UnknownLink),
+            "a link ends once"
+        );
+
+        let down = packet(
+            28,
+            &[peer(5), local(1), reference(LOCAL, 7)],
+            Some(atom("normal")),
+        );
+        assert_eq!(f.decide(&down, &ATOMS).reason, Some(Reason::UnknownMonitor));
+        f.observe_outgoing(&packet(19, &[local(1), peer(5), reference(LOCAL, 7)], None));
+        assert!(delivered(&f.decide(&down, &ATOMS)));
+        // exit/2 is never allowed, link or not.
+        let exit2 = packet(26, &[peer(5), local(1)], Some(atom("normal")));
+        assert_eq!(f.decide(&exit2, &ATOMS).reason, Some(Reason::ExitDenied));
+    }
+
+    #[test]
+    fn monitors_the_peer_holds_are_bounded() {
+        let policy = TierPolicy {
+            registered: ["results".to_string()].into_iter().collect(),
+            max_monitors: 3,
+            ..TierPolicy::default()
+        };
+        let mut f = filter(policy, Vec::new());
+        let outcomes: Vec<_> = (0..5)
+            .map(|i| {
+                f.decide(
+                    &packet(19, &[peer(5), atom("results"), reference(PEER, i)], None),
+                    &ATOMS,
+                )
+            })
+            .map(|d| d.reason)
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                None,
+                None,
+                None,
+                Some(Reason::MonitorLimit),
+                Some(Reason::MonitorLimit)
+            ]
+        );
+        f.decide(
+            &packet(20, &[peer(5), atom("results"), reference(PEER, 0)], None),
+            &ATOMS,
+        );
+        assert_eq!(
+            f.decide(
+                &packet(19, &[peer(5), atom("results"), reference(PEER, 9)], None),
+                &ATOMS
+            )
+            .reason,
+            None
+        );
+    }
+
+    #[test]
+    fn grants_are_bounded_and_forget_the_oldest() {
+        let limits = Limits {
+            granted_pids: 4,
+            ..Limits::default()
+        };
+        let mut f = LinkFilter::with_limits(
+            NodeId {
+                name: LOCAL.into(),
+                creation: 1,
+            },
+            NodeId {
+                name: PEER.into(),
+                creation: 2,
+            },
+            TierPolicy::default(),
+            Vec::new(),
+            limits,
+        );
+        for id in 100..110 {
+            f.observe_outgoing(&send_sender(local(1), peer(5), local(id)));
+        }
+        assert!(f.granted_pids.len() <= 4);
+        assert!(!delivered(
+            &f.decide(&send_sender(peer(5), local(100), atom("ok")), &ATOMS)
+        ));
+        assert!(delivered(
+            &f.decide(&send_sender(peer(5), local(109), atom("ok")), &ATOMS)
+        ));
+    }
+
+    #[test]
+    fn audit_mode_delivers_what_it_would_refuse_but_not_what_it_cannot_read() {
+        let policy = TierPolicy {
+            audit: true,
+            ..TierPolicy::default()
+        };
+        let mut f = filter(policy, Vec::new());
+        let d = f.decide(&send_sender(peer(5), local(100), atom("hello")), &ATOMS);
+        assert!(d.audited && d.verdict == Verdict::Deliver && d.reason == Some(Reason::NotGranted));
+        assert_eq!(f.decide(&[112, 131, 200], &ATOMS).verdict, Verdict::Close);
+        assert!(f
+            .counters()
+            .entries()
+            .iter()
+            .any(|(op, o, n)| *op == "send_sender" && *o == Outcome::Audited && *n == 1));
+    }
+
+    #[test]
+    fn sequential_trace_tokens_are_stripped() {
+        let policy = TierPolicy {
+            registered: ["results".to_string()].into_iter().collect(),
+            ..TierPolicy::default()
+        };
+        let mut f = filter(policy, Vec::new());
+        let token = tuple(&[
+            vec![tag::SMALL_INTEGER, 1],
+            vec![tag::SMALL_INTEGER, 17],
+            vec![tag::SMALL_INTEGER, 0],
+            peer(5),
+            vec![tag::SMALL_INTEGER, 0],
+        ]);
+        let traced = packet(
+            16,
+            &[peer(5), atom(""), atom("results"), token],
+            Some(atom("hello")),
+        );
+        let d = f.decide(&traced, &ATOMS);
+        let Verdict::DeliverRewritten(plain) = d.verdict else {
+            panic!("{d:?}")
+        };
+        let p = control::decode(&plain).expect("rewritten packet decodes");
+        assert_eq!((p.op, p.token), (Op::RegSend, None));
+        assert_eq!(p.payload, Some(atom("hello").as_slice()));
+    }
+
+    #[test]
+    fn assertions_are_checked_by_the_engine() {
+        let tiers =
+            crate::link::TierOrder::new(vec!["admin".into(), "worker".into()]).expect("tiers");
+        let policy = crate::policy::Policy::new(
+            [(
+                "worker".to_string(),
+                TierPolicy {
+                    registered: ["results".to_string()].into_iter().collect(),
+                    rpc: [("my_app".into(), "report".into(), 1)]
+                        .into_iter()
+                        .collect(),
+                    max_message_size: 1000,
+                    ..TierPolicy::default()
+                },
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .expect("policy");
+        let check = |may, capability| {
+            check_assertion(
+                &Assertion {
+                    tier: "worker".into(),
+                    may,
+                    capability,
+                },
+                &policy,
+                &tiers,
+                "admin",
+            )
+        };
+        assert!(check(false, Capability::Spawn).is_ok());
+        assert!(check(true, Capability::Call("my_app".into(), "report".into(), 1)).is_ok());
+        assert!(check(true, Capability::Send("results".into())).is_ok());
+        assert!(check(true, Capability::Monitor("results".into())).is_ok());
+        assert!(check(false, Capability::Send("other".into())).is_ok());
+        assert!(check(false, Capability::Exit).is_ok());
+        assert!(check(false, Capability::Link).is_ok());
+        assert!(check(false, Capability::GroupLeader).is_ok());
+        assert!(check(false, Capability::Funs).is_ok());
+        assert!(check(false, Capability::Connect).is_ok());
+        assert!(check(true, Capability::MessageSize(1000)).is_ok());
+        assert!(check(false, Capability::MessageSize(1001)).is_ok());
+        let failed = check(true, Capability::Spawn).expect_err("worker may not spawn");
+        assert!(failed.contains("{worker, may, spawn}"), "{failed}");
+        // From below, everything is allowed: the same tier or a higher one is trusted.
+        assert!(check_assertion(
+            &Assertion {
+                tier: "admin".into(),
+                may: true,
+                capability: Capability::Spawn
+            },
+            &policy,
+            &tiers,
+            "worker"
+        )
+        .is_ok());
+    }
+}
