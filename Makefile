@@ -7,7 +7,7 @@ export MIX_HOME ?= $(CURDIR)/_build/mix_home
 export HEX_OFFLINE := 1
 
 .PHONY: all deps build test test-rust test-elixir test-matrix matrix-chroots demo bench \
-        fmt lint clean
+        fmt lint clean fuzz
 
 all: build
 
@@ -40,6 +40,11 @@ demo: build
 # BENCH_ARGS=--quick for a smoke run, --carriers trust,inet_tcp for a subset.
 bench: build
 	bench/run.sh $(BENCH_ARGS)
+
+# cargo-fuzz targets of native/proto (needs cargo-fuzz; nightly or RUSTC_BOOTSTRAP=1).
+FUZZ_SECONDS ?= 60
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
 
 fmt:
 	cargo fmt --all

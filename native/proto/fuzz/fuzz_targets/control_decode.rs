@@ -1,0 +1,23 @@
+//! The packet decoder on arbitrary bytes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use trust_dist_proto::control;
+use trust_dist_proto::etf::{self, Term};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(p) = control::decode(data) else {
+        return;
+    };
+    // What decoded is one whole control term, and the payload is exactly one term.
+    let (term, len) = Term::parse(p.control_bytes).expect("control parses again");
+    assert_eq!(len, p.control_bytes.len());
+    let tuple = term.as_tuple().expect("control is a tuple");
+    assert_eq!(tuple.get(0).expect("op"), Term::Int(i64::from(p.op as u8)));
+    if let Some(payload) = p.payload {
+        assert_eq!(etf::skip(payload), Ok(payload.len()));
+    }
+    if let Some(token) = p.token {
+        let _ = token.as_tuple();
+    }
+});

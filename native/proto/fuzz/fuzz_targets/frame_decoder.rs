@@ -1,0 +1,67 @@
+//! The stream framing: frames come out the same however the bytes are chunked, and
+//! nothing is buffered beyond the limit.
+//!
+//! Input: `[max_len:2, discard_above:2, chunk_seed, bytes...]`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use trust_dist_proto::frame::{FrameDecoder, HEADER_BYTES};
+
+fn run(max: u32, discard: u32, input: &[u8], chunks: &[usize]) -> (Vec<Vec<u8>>, Vec<usize>, bool) {
+    let mut d = FrameDecoder::new(max);
+    d.set_discard_above(discard);
+    let mut frames = Vec::new();
+    let mut discarded = Vec::new();
+    let mut rest = input;
+    let mut i = 0;
+    while !rest.is_empty() {
+        let n = chunks
+            .get(i % chunks.len().max(1))
+            .copied()
+            .unwrap_or(rest.len());
+        let n = n.clamp(1, rest.len());
+        i += 1;
+        let mut chunk = &rest[..n];
+        rest = &rest[n..];
+        while !chunk.is_empty() {
+            match d.decode(chunk) {
+                Ok((used, frame)) => {
+                    assert!(used <= chunk.len());
+                    assert!(used > 0, "progress");
+                    if let Some(f) = frame {
+                        assert!(f.len() as u64 <= u64::from(max.min(discard)));
+                        frames.push(f);
+                    }
+                    chunk = &chunk[used..];
+                }
+                Err(_) => return (frames, discarded, true),
+            }
+            assert!(d.buffered() <= (max as usize).max(HEADER_BYTES));
+            discarded.extend(d.take_discarded());
+        }
+    }
+    (frames, discarded, false)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let [a, b, c, e, seed, input @ ..] = data else {
+        return;
+    };
+    let max = u32::from(u16::from_be_bytes([*a, *b]));
+    let discard = u32::from(u16::from_be_bytes([*c, *e]));
+    let whole = run(max, discard, input, &[input.len()]);
+    let bytewise = run(max, discard, input, &[1]);
+    let seeded: Vec<usize> = (0..8)
+        .map(|k| usize::from(seed.rotate_left(k)) % 13 + 1)
+        .collect();
+    let chunked = run(max, discard, input, &seeded);
+    assert_eq!(whole, bytewise);
+    assert_eq!(whole, chunked);
+    // decode_all agrees.
+    let mut d = FrameDecoder::new(max);
+    d.set_discard_above(discard);
+    let mut out = Vec::new();
+    let r = d.decode_all(input, &mut out);
+    assert_eq!(r.is_err(), whole.2);
+    assert_eq!(out, whole.0);
+});

@@ -1,0 +1,104 @@
+//! The hello frame and certificate parsing: arbitrary bytes, and arbitrary changes to a
+//! valid hello. Nothing but the untouched hello verifies.
+//!
+//! Input: `[mode, bytes...]`: mode 0 hello from bytes, 1 valid hello XOR bytes, 2
+//! certificate from bytes, 3 certificate from PEM text, 4 valid certificate XOR bytes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use std::sync::OnceLock;
+use trust_dist_proto::cert::{Certificate, CertificateBody};
+use trust_dist_proto::handshake::{encode_hello, verify_hello};
+use trust_dist_proto::identity::{KeyId, PublicKey, SecretKey};
+
+/// Test-only keys, generated for this fuzz target; they sign nothing else.
+const AUTHORITY: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIFhT0hFhThYkIQ7Pi/nGf9T3iKP2X8RE7BE7G5l8PEcE
+-----END PRIVATE KEY-----";
+const NODE: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIDxQCOLH/S7yQbR+Hiq/IroHuxa0duob74r87cUxQn0T
+-----END PRIVATE KEY-----";
+const NOW: u64 = 1_800_000_000;
+
+struct Fixture {
+    authority: PublicKey,
+    node: PublicKey,
+    certificate: Vec<u8>,
+    hello: Vec<u8>,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let authority = SecretKey::from_pkcs8_pem(AUTHORITY).expect("authority key");
+        let node = SecretKey::from_pkcs8_pem(NODE).expect("node key");
+        let body = CertificateBody {
+            serial: 7,
+            node: "worker-*@10.0.*".into(),
+            public_key: node.public(),
+            tier: "worker".into(),
+            not_before: NOW - 10,
+            not_after: NOW + 10,
+            issuer: KeyId([0; 8]),
+        };
+        let cert = Certificate::issue(body, &authority).expect("issues");
+        Fixture {
+            authority: authority.public(),
+            node: node.public(),
+            certificate: cert.to_bytes(),
+            hello: encode_hello(&cert),
+        }
+    })
+}
+
+fn xor(base: &[u8], noise: &[u8]) -> Vec<u8> {
+    let mut out = base.to_vec();
+    for (i, n) in noise.iter().enumerate() {
+        if let Some(b) = out.get_mut(i) {
+            *b ^= n;
+        } else {
+            out.push(*n);
+        }
+    }
+    out
+}
+
+fn hello(frame: &[u8]) {
+    let f = fixture();
+    let r = verify_hello(frame, &[f.authority], &f.node, NOW);
+    if r.is_ok() {
+        assert_eq!(frame, &f.hello[..], "only the issued hello verifies");
+    }
+}
+
+fn certificate(bytes: &[u8]) {
+    let f = fixture();
+    if let Ok(c) = Certificate::from_bytes(bytes) {
+        // One encoding per certificate.
+        assert_eq!(c.to_bytes(), bytes);
+        let _ = c.to_pem();
+        let _ = c.body().to_string();
+        if c.verify(&[f.authority], NOW).is_ok() {
+            assert_eq!(bytes, &f.certificate[..]);
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let f = fixture();
+    match mode % 5 {
+        0 => hello(rest),
+        1 => hello(&xor(&f.hello, rest)),
+        2 => certificate(rest),
+        3 => {
+            let text = String::from_utf8_lossy(rest);
+            if let Ok(c) = Certificate::from_pem(&text) {
+                let _ = c.verify(&[f.authority], NOW);
+            }
+        }
+        _ => certificate(&xor(&f.certificate, rest)),
+    }
+});
