@@ -159,11 +159,17 @@ impl Certificate {
             return Err(CertError::NonCanonical);
         }
         validate_body(&body)?;
-        Ok(Certificate {
+        let certificate = Certificate {
             body,
             body_bytes: wire.body.to_vec(),
             signature,
-        })
+        };
+        // One encoding for the envelope too: a certificate's bytes are its identity in
+        // logs and comparisons, so no other spelling of the same fields is accepted.
+        if certificate.to_bytes() != bytes {
+            return Err(CertError::NonCanonical);
+        }
+        Ok(certificate)
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

@@ -443,14 +443,12 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// The unused sender slot of `SEND` and `REG_SEND`: `''` on every OTP version seen.
+    /// The unused slot of `SEND` and `REG_SEND`: `''` on every OTP version seen (once the
+    /// cookie). Any atom is accepted (the scan checks that it exists); nothing else.
     fn unused(&self, i: usize) -> Result<(), DecodeError> {
         match self.term(i)? {
-            Term::Atom(_) | Term::Pid(_) => Ok(()),
-            _ => Err(Self::bad(
-                self.op,
-                "unused slot is neither an atom nor a pid",
-            )),
+            Term::Atom(_) => Ok(()),
+            _ => Err(Self::bad(self.op, "unused slot is not an atom")),
         }
     }
 }

@@ -461,7 +461,7 @@ fn head<'a>(input: &mut Input<'a>) -> Result<Head<'a>, EtfError> {
         tag::MAP => {
             let n = input.u32()?;
             let n = input.count(u64::from(n) * 2, 1)?;
-            Ok(Head::Compound(Term::Map(Seq::new(n / 2, input)), n))
+            Ok(Head::Compound(Term::Map(Seq::new(n, input)), n))
         }
         tag::NEW_FUN => {
             // Size:32 Arity:8 Uniq:16 Index:32 NumFree:32, then Module, OldIndex,
@@ -491,11 +491,22 @@ pub fn walk<'a, V: Visitor<'a>>(
     let mut depth = 0;
     loop {
         match head(&mut input)? {
+            // The node atom of a pid, port or reference is an atom like any other: the
+            // visitor sees it (it would be created if it did not exist).
             Head::Leaf(term) => match term {
                 Term::Atom(a) => visitor.atom(a),
-                Term::Pid(p) => visitor.pid(p),
-                Term::Port(p) => visitor.port(p),
-                Term::Ref(r) => visitor.reference(r),
+                Term::Pid(p) => {
+                    visitor.atom(p.node);
+                    visitor.pid(p)
+                }
+                Term::Port(p) => {
+                    visitor.atom(p.node);
+                    visitor.port(p)
+                }
+                Term::Ref(r) => {
+                    visitor.atom(r.node);
+                    visitor.reference(r)
+                }
                 _ => {}
             },
             Head::Compound(term, n) => {
@@ -562,7 +573,7 @@ pub enum Term<'a> {
     Tuple(Seq<'a>),
     /// A list's elements; the tail follows them (see [`Seq::tail`]).
     List(Seq<'a>),
-    /// A map's pairs, key then value.
+    /// A map's keys and values, alternating (its `len` counts both).
     Map(Seq<'a>),
     Fun(FunKind),
 }
@@ -648,7 +659,7 @@ impl<'a> Seq<'a> {
         }
     }
 
-    /// Number of elements (pairs, for a map).
+    /// Number of elements (keys plus values, for a map).
     pub fn len(&self) -> u32 {
         self.len
     }
@@ -792,7 +803,11 @@ mod tests {
         let ext = walk(&t, 10, &mut c).expect("walks");
         assert_eq!(ext.len, t.len() - 1);
         assert_eq!(ext.depth, 2);
-        assert_eq!(c.atoms, vec!["hello", "x"]);
+        assert_eq!(
+            c.atoms,
+            vec!["hello", "a@h", "x"],
+            "node atoms are atoms too"
+        );
         assert_eq!(c.pids, vec![("a@h".into(), 7, 0, 3)]);
 
         let (term, len) = Term::parse(&t).expect("parses");

@@ -655,6 +655,13 @@ impl LinkFilter {
             return Some((Reason::Malformed, e.to_string()));
         }
         scan.identifiers = true;
+        // The reason some operations carry inside the control message is a free term
+        // like a payload; the rules look at the other elements one by one.
+        if let Some(reason) = control_reason(packet) {
+            if let Err(e) = etf::walk(reason, self.policy.max_depth, &mut scan) {
+                return Some((Reason::Malformed, e.to_string()));
+            }
+        }
         if let Some(payload) = packet.payload {
             match etf::walk(payload, self.policy.max_depth, &mut scan) {
                 Ok(_) => {}
@@ -855,7 +862,9 @@ impl LinkFilter {
                 from, reference, ..
             } => {
                 self.sender(&from)?;
-                if self.peer_monitors.remove(&reference.key()).is_none() {
+                if !reference.node.is(&self.peer.name)
+                    || self.peer_monitors.remove(&reference.key()).is_none()
+                {
                     return Err(refuse(
                         Reason::UnknownMonitor,
                         "demonitor of no monitor the peer holds",
@@ -882,8 +891,9 @@ impl LinkFilter {
                 result,
             } => {
                 let key = req_id.key();
+                let ours = self.is_local(&to) && req_id.node.is(&self.local.name);
                 let made = match self.spawns.get(&key) {
-                    Some(m) if m.from == to.key() && self.is_local(&to) => *m,
+                    Some(m) if m.from == to.key() && ours => *m,
                     _ => {
                         return Err(refuse(
                             Reason::UnknownSpawnRequest,
@@ -1157,6 +1167,18 @@ fn allowed_spawn_option(option: &Term<'_>) -> bool {
         }
         _ => false,
     }
+}
+
+/// The reason term inside the control message of the old exit operations, which carry
+/// it there instead of as a payload.
+fn control_reason<'a>(p: &Packet<'a>) -> Option<&'a [u8]> {
+    let index = match p.op {
+        Op::Exit | Op::Exit2 => 3,
+        Op::ExitTt | Op::Exit2Tt | Op::MonitorPExit => 4,
+        _ => return None,
+    };
+    let (term, _) = Term::parse(p.control_bytes).ok()?;
+    term.as_tuple()?.raw(index).ok()
 }
 
 /// The function a spawn request really runs: erpc's own entry points carry it in their
@@ -1596,6 +1618,7 @@ mod tests {
         "is_auth",
         PEER,
         LOCAL,
+        "third@host",
     ]);
 
     fn pid(node: &str, id: u32, creation: u32) -> Vec<u8> {

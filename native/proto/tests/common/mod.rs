@@ -657,8 +657,7 @@ pub fn term_is(v: &Vector, term: &Term<'_>, printed: &T) -> bool {
                     .all(|(i, p)| seq.raw(i as u32).is_ok_and(|raw| raw_is(v, raw, p)))
         }
         (Term::Binary(_) | Term::BitBinary, T::Bin) => true,
-        // Maps are compared from their bytes (see `raw_is`): `Seq` does not reach the
-        // values of a map's second half.
+        // Maps are compared from their bytes (see `raw_is`), in any order.
         (Term::Map(_), T::Map(_)) => false,
         (Term::Fun(_), T::Fun) => true,
         _ => false,
@@ -677,14 +676,15 @@ pub fn raw_is(v: &Vector, bytes: &[u8], printed: &T) -> bool {
     // MAP_EXT: 116, Arity:32, then key, value, key, value...
     let mut rest = &bytes[5..len];
     let mut items = Vec::new();
-    for _ in 0..2 * seq.len() {
+    // A map's Seq counts keys and values.
+    for _ in 0..seq.len() {
         let Ok(n) = etf::skip(rest) else {
             return false;
         };
         items.push(&rest[..n]);
         rest = &rest[n..];
     }
-    seq.len() as usize == pairs.len()
+    seq.len() as usize == 2 * pairs.len()
         && pairs.iter().all(|(k, pv)| {
             items
                 .chunks_exact(2)
