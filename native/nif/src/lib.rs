@@ -163,12 +163,18 @@ thread_local! {
 
 impl AtomTable for VmAtoms {
     fn exists(&self, atom: Atom<'_>) -> bool {
-        let Some(latin1) = atom.to_latin1() else {
-            return false;
+        let lookup = |latin1: &[u8]| {
+            LOOKUP_ENV.with(|owned| {
+                owned.run(|env| matches!(rustler::Atom::try_from_bytes(env, latin1), Ok(Some(_))))
+            })
         };
-        LOOKUP_ENV.with(|owned| {
-            owned.run(|env| matches!(rustler::Atom::try_from_bytes(env, &latin1), Ok(Some(_))))
-        })
+        if atom.text.is_ascii() {
+            return lookup(atom.text);
+        }
+        match atom.to_latin1() {
+            Some(latin1) => lookup(&latin1),
+            None => false,
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 //! (`131, 68, 0`, then both terms without version bytes). Any other form on such a link
 //! is refused: it would mean the peer uses a feature that was not negotiated.
 
-use crate::etf::{self, Atom, EtfError, Pid, Reference, Seq, Term};
+use crate::etf::{self, Atom, EtfError, Pid, Reference, Term};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 #[non_exhaustive]
@@ -305,30 +305,27 @@ pub struct Packet<'a> {
     pub payload: Option<&'a [u8]>,
 }
 
-/// Splits a packet into its control and payload terms (no version bytes), by its header.
-fn split(packet: &[u8]) -> Result<(&[u8], Option<&[u8]>), DecodeError> {
+/// The header forms a restricted link accepts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// `112`: each term carries its own version byte.
+    PassThrough,
+    /// `131, 68, 0`: no atom-cache refs; terms without version bytes.
+    NoCache,
+}
+
+/// Strips the header, returning the bytes from the control term on.
+fn header(packet: &[u8]) -> Result<(&[u8], Form), DecodeError> {
     let (&first, rest) = packet.split_first().ok_or(DecodeError::Empty)?;
     match first {
         112 => {
-            let control = rest
+            let terms = rest
                 .strip_prefix(&[etf::VERSION])
                 .ok_or(EtfError::NoVersion)?;
-            let len = etf::skip(control)?;
-            let (control, after) = control.split_at(len);
-            if after.is_empty() {
-                return Ok((control, None));
-            }
-            let payload = after
-                .strip_prefix(&[etf::VERSION])
-                .ok_or(EtfError::NoVersion)?;
-            Ok((control, Some(payload)))
+            Ok((terms, Form::PassThrough))
         }
         etf::VERSION => match rest {
-            [68, 0, terms @ ..] => {
-                let len = etf::skip(terms)?;
-                let (control, after) = terms.split_at(len);
-                Ok((control, (!after.is_empty()).then_some(after)))
-            }
+            [68, 0, terms @ ..] => Ok((terms, Form::NoCache)),
             [68, ..] => Err(DecodeError::HeaderForm("atom-cache header")),
             [69, ..] | [70, ..] => Err(DecodeError::HeaderForm("fragment")),
             [other, ..] => Err(DecodeError::UnknownHeader(*other)),
@@ -338,19 +335,36 @@ fn split(packet: &[u8]) -> Result<(&[u8], Option<&[u8]>), DecodeError> {
     }
 }
 
+/// Most elements of any control tuple (`SPAWN_REQUEST_TT`).
+const MAX_CONTROL_ELEMENTS: u32 = 7;
+
 /// Decodes a packet's header, control message and the bounds of its payload. The
 /// payload itself is not read here (see `etf::walk`), except that it must be exactly one
 /// term.
 pub fn decode(packet: &[u8]) -> Result<Packet<'_>, DecodeError> {
-    let (control_bytes, payload) = split(packet)?;
-    let (control, _) = Term::parse(control_bytes)?;
-    let tuple = control.as_tuple().ok_or(DecodeError::NotControl)?;
-    let code = match tuple.get(0).map_err(|_| DecodeError::NotControl)? {
-        Term::Int(code) => code,
+    let (terms, form) = header(packet)?;
+    let (control, len) = Term::parse(terms)?;
+    let (control_bytes, after) = terms.split_at(len);
+    let payload = match (form, after) {
+        (_, []) => None,
+        (Form::PassThrough, after) => Some(
+            after
+                .strip_prefix(&[etf::VERSION])
+                .ok_or(EtfError::NoVersion)?,
+        ),
+        (Form::NoCache, after) => Some(after),
+    };
+    let tuple = control
+        .as_tuple()
+        .filter(|t| (1..=MAX_CONTROL_ELEMENTS).contains(&t.len()))
+        .ok_or(DecodeError::NotControl)?;
+    let items = tuple.iter().collect::<Result<Vec<_>, _>>()?;
+    let code = match items.first() {
+        Some(Term::Int(code)) => *code,
         _ => return Err(DecodeError::NotControl),
     };
     let op = Op::from_code(code).ok_or(DecodeError::UnknownOp(code))?;
-    let (control, token) = control_message(op, &tuple)?;
+    let (control, token) = control_message(op, Fields { op, items })?;
     match (op.has_payload(), payload) {
         (true, None) => return Err(DecodeError::MissingPayload(op.name())),
         (false, Some(_)) => return Err(DecodeError::UnexpectedPayload(op.name())),
@@ -371,18 +385,18 @@ pub fn decode(packet: &[u8]) -> Result<Packet<'_>, DecodeError> {
 }
 
 /// Reads the elements of a control tuple by position, naming the operation in errors.
+#[derive(Clone)]
 struct Fields<'a> {
     op: Op,
     items: Vec<Term<'a>>,
 }
 
 impl<'a> Fields<'a> {
-    fn read(op: Op, tuple: &Seq<'a>, arities: &[u32]) -> Result<Self, DecodeError> {
-        if !arities.contains(&tuple.len()) {
-            return Err(Self::bad(op, "wrong number of elements"));
+    fn arity(self, arities: &[u32]) -> Result<Self, DecodeError> {
+        if !arities.contains(&(self.items.len() as u32)) {
+            return Err(Self::bad(self.op, "wrong number of elements"));
         }
-        let items = tuple.iter().collect::<Result<Vec<_>, _>>()?;
-        Ok(Fields { op, items })
+        Ok(self)
     }
 
     fn bad(op: Op, why: &'static str) -> DecodeError {
@@ -453,12 +467,13 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn control_message<'a>(
+fn control_message(
     op: Op,
-    tuple: &Seq<'a>,
-) -> Result<(Control<'a>, Option<Term<'a>>), DecodeError> {
+    fields: Fields<'_>,
+) -> Result<(Control<'_>, Option<Term<'_>>), DecodeError> {
     use Control as C;
-    let read = |arities: &[u32]| Fields::read(op, tuple, arities);
+    let tuple_len = fields.items.len();
+    let read = move |arities: &[u32]| fields.arity(arities);
     Ok(match op {
         Op::Link | Op::Unlink | Op::GroupLeader => {
             let f = read(&[3])?;
@@ -654,7 +669,7 @@ fn control_message<'a>(
                 return Err(Fields::bad(op, "unknown flag bits"));
             }
             let with_token = flags & altact::TOKEN != 0;
-            if with_token != (tuple.len() == 5) {
+            if with_token != (tuple_len == 5) {
                 return Err(Fields::bad(op, "token flag and tuple size disagree"));
             }
             let to = match flags & (altact::ALIAS | altact::NAME) {

@@ -279,6 +279,13 @@ impl<'a> Input<'a> {
 }
 
 fn atom_text(text: &[u8], encoding: AtomEncoding) -> Result<Atom<'_>, EtfError> {
+    // Nearly every atom is ASCII: one character per byte, valid in both encodings.
+    if text.is_ascii() {
+        if text.len() > MAX_ATOM_CHARS {
+            return Err(EtfError::BadAtom("longer than 255 characters"));
+        }
+        return Ok(Atom { text, encoding });
+    }
     match encoding {
         AtomEncoding::Latin1 => {
             if text.len() > MAX_ATOM_CHARS {
@@ -487,7 +494,7 @@ pub fn walk<'a, V: Visitor<'a>>(
 ) -> Result<Extent, EtfError> {
     let mut input = Input { bytes, pos: 0 };
     // Sub-terms still to read at each open level.
-    let mut open: Vec<u32> = Vec::new();
+    let mut open = Levels::default();
     let mut depth = 0;
     loop {
         match head(&mut input)? {
@@ -544,6 +551,43 @@ pub fn walk<'a, V: Visitor<'a>>(
     }
 }
 
+/// The open levels of a walk: on the stack for ordinary terms, on the heap only for
+/// deep ones, so walking a small term allocates nothing.
+#[derive(Default)]
+struct Levels {
+    inline: [u32; 32],
+    used: usize,
+    spill: Vec<u32>,
+}
+
+impl Levels {
+    fn len(&self) -> usize {
+        self.used + self.spill.len()
+    }
+    fn push(&mut self, n: u32) {
+        if self.used < self.inline.len() {
+            self.inline[self.used] = n;
+            self.used += 1;
+        } else {
+            self.spill.push(n);
+        }
+    }
+    fn last_mut(&mut self) -> Option<&mut u32> {
+        if !self.spill.is_empty() {
+            return self.spill.last_mut();
+        }
+        match self.used {
+            0 => None,
+            n => self.inline.get_mut(n - 1),
+        }
+    }
+    fn pop(&mut self) {
+        if self.spill.pop().is_none() && self.used > 0 {
+            self.used -= 1;
+        }
+    }
+}
+
 /// Deepest nesting [`skip`] follows; deeper terms are refused.
 pub const SKIP_MAX_DEPTH: usize = 4096;
 
@@ -582,11 +626,18 @@ impl<'a> Term<'a> {
     /// Reads the term at the start of `bytes`, returning it and its byte length.
     pub fn parse(bytes: &'a [u8]) -> Result<(Term<'a>, usize), EtfError> {
         let mut input = Input { bytes, pos: 0 };
-        let term = match head(&mut input)? {
-            Head::Leaf(t) => t,
-            Head::Compound(t, _) => t,
-        };
-        Ok((term, skip(bytes)?))
+        match head(&mut input)? {
+            Head::Leaf(t) => Ok((t, input.pos)),
+            Head::Compound(t, n) => {
+                // The header is read; the sub-terms follow one after another.
+                let mut end = input.pos;
+                for _ in 0..n {
+                    let rest = bytes.get(end..).ok_or(EtfError::Truncated)?;
+                    end += walk(rest, SKIP_MAX_DEPTH - 1, &mut Nothing)?.len;
+                }
+                Ok((t, end))
+            }
+        }
     }
 
     /// Reads the head of the term at the start of `bytes`, without finding its end.

@@ -403,7 +403,14 @@ impl Scan<'_> {
 
 impl<'a> Visitor<'a> for Scan<'_> {
     fn atom(&mut self, atom: Atom<'a>) {
-        if self.problem.is_none() && !self.atoms.exists(atom) {
+        // The two node names of the link exist; most atoms in a packet are these.
+        if self.problem.is_some()
+            || atom.is(&self.filter.local.name)
+            || atom.is(&self.filter.peer.name)
+        {
+            return;
+        }
+        if !self.atoms.exists(atom) {
             self.flag(Reason::NewAtom, || atom.to_utf8());
         }
     }
@@ -1263,8 +1270,10 @@ impl Shape {
         let Some(tag) = first.as_atom() else {
             return Shape::Plain;
         };
-        let tag = tag.to_utf8();
-        match (tag.as_str(), tuple.len()) {
+        // Every tag below is ASCII: compare bytes (a Latin-1 or UTF-8 spelling of an
+        // ASCII atom is the same bytes).
+        let tag = std::str::from_utf8(tag.text).unwrap_or("");
+        match (tag, tuple.len()) {
             ("system", 3) => Shape::System,
             ("EXIT", 3) => Shape::ForgedSignal("{'EXIT', _, _}"),
             ("DOWN", 5) => Shape::ForgedSignal("{'DOWN', _, _, _, _}"),
