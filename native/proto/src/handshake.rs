@@ -84,6 +84,10 @@ pub fn verify_hello(
         return Err(HandshakeError::UnsupportedHello(hello.version));
     }
     let certificate = Certificate::from_bytes(hello.certificate)?;
+    // One encoding of the hello too, as of the certificate inside it.
+    if encode_hello(&certificate) != frame {
+        return Err(HandshakeError::MalformedHello("not in canonical encoding"));
+    }
     let body = certificate.verify(authorities, now)?;
     if &body.public_key != tls_key {
         return Err(HandshakeError::KeyMismatch {
@@ -370,6 +374,21 @@ mod tests {
         ));
         assert!(matches!(
             verify_hello(b"\x00garbage", &[authority.public()], &key.public(), 50),
+            Err(HandshakeError::MalformedHello(_))
+        ));
+    }
+
+    #[test]
+    fn a_hello_has_one_encoding() {
+        // Found by fuzzing: the certificate field spelled as a MessagePack str8 (0xd9)
+        // instead of bin8 (0xc4) decoded to the same hello.
+        let (authority, key) = (SecretKey::generate(), SecretKey::generate());
+        let hello = encode_hello(&cert("b@h", &key, &authority));
+        assert_eq!(hello[2], 0xc4);
+        let mut respelled = hello.clone();
+        respelled[2] = 0xd9;
+        assert!(matches!(
+            verify_hello(&respelled, &[authority.public()], &key.public(), 50),
             Err(HandshakeError::MalformedHello(_))
         ));
     }
