@@ -11,7 +11,7 @@
          close/1, select/1, address/0, address/1, is_node_name/1, setopts/2, getopts/2]).
 
 %% introspection
--export([links/0]).
+-export([links/0, reload_revocations/0]).
 
 %% internal
 -export([accept_loop/2]).
@@ -158,6 +158,16 @@ counters_as_atoms(#{counters := Counters} = Link) ->
 counters_as_atoms(Link) ->
     %% A full link parses nothing, so it has nothing to count.
     Link#{counters => #{}, denied => 0}.
+
+%% @doc Reads the revocation list (key `revoked') again and disconnects every connected
+%% peer it now revokes. The file is also watched: an edit takes effect within a second
+%% without this call.
+-spec reload_revocations() -> {ok, non_neg_integer()} | {error, string()}.
+reload_revocations() ->
+    case trust_dist_nif:reload_revocations(trust_dist_server:carrier()) of
+        {ok, N} -> {ok, N};
+        {error, Why} -> {error, unicode:characters_to_list(Why)}
+    end.
 
 %%% Internal
 

@@ -13,13 +13,13 @@
                     tiers := [atom()],
                     listen := #{ip := inet:ip_address() | any, port := inet:port_number()},
                     ports := #{node() => inet:port_number()},
+                    revoked := string(),
                     policy := [{binary(), map()}],
                     assertions := [{binary(), boolean(), binary(), [binary()], non_neg_integer()}]}.
 -export_type([config/0]).
 
-%% `revoked' is not accepted yet: a deployment that sets it expects enforcement, and
-%% silently ignoring it would fail open.
--define(KNOWN_KEYS, [identity, certificate, authorities, tiers, listen, ports, policy, assertions]).
+-define(KNOWN_KEYS, [identity, certificate, authorities, tiers, listen, ports, policy, assertions,
+                     revoked]).
 %% Options of one tier's policy; what they mean is in the README's policy reference.
 -define(POLICY_OPTIONS, [registered, rpc, max_message_size, funs, connect, audit,
                          max_monitors, max_depth]).
@@ -41,6 +41,10 @@ load() ->
                tiers => Tiers,
                listen => listen(get(listen, #{})),
                ports => ports(get(ports, #{})),
+               revoked => case get(revoked, undefined) of
+                              undefined -> "";
+                              Path -> path(revoked, Path)
+                          end,
                policy => policy(get(policy, #{}), Tiers),
                assertions => assertions(get(assertions, []), Tiers)}}
     catch

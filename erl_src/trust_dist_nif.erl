@@ -8,11 +8,13 @@
 -export([load/0]).
 -export([start/3, local_port/1, accept/2, connect/5, stop/1,
          set_owners/3, recv_handshake/1, send/2, start_data/3, ack/2, tick/1,
-         getstat/1, stats/1, peer/1, close/2, system_process_names/0, vocabulary/0]).
+         getstat/1, stats/1, peer/1, close/2, system_process_names/0, vocabulary/0,
+       reload_revocations/1]).
 
 -nifs([start/3, local_port/1, accept/2, connect/5, stop/1,
        set_owners/3, recv_handshake/1, send/2, start_data/3, ack/2, tick/1,
-       getstat/1, stats/1, peer/1, close/2, system_process_names/0, vocabulary/0]).
+       getstat/1, stats/1, peer/1, close/2, system_process_names/0, vocabulary/0,
+       reload_revocations/1]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
@@ -60,3 +62,5 @@ system_process_names() -> ?NOT_LOADED.
 %% @doc The filter's report vocabulary as atoms (creating them once, at start).
 -spec vocabulary() -> [atom()].
 vocabulary() -> ?NOT_LOADED.
+
+reload_revocations(_Carrier) -> ?NOT_LOADED.

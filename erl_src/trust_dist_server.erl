@@ -81,6 +81,7 @@ handle_call({listen, NodeName, Port}, _From, #state{config = Config} = State) ->
                 ip => bin(inet:ntoa(Ip)),
                 port => Port,
                 log => self(),
+                revoked => bin(maps:get(revoked, Config)),
                 idle_timeout_ms => net_ticktime_ms(),
                 handshake_timeout_ms => net_setuptime_ms(),
                 max_frame => 128 * 1024 * 1024},

@@ -19,7 +19,9 @@ pub use tls::ALPN;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use trust_dist_proto::{AtomTable, Certificate, Policy, PublicKey, SecretKey, TierOrder};
+use trust_dist_proto::{
+    AtomTable, Certificate, Policy, PublicKey, Revocations, SecretKey, TierOrder,
+};
 
 /// How loud a log line is; mapped onto `logger` levels by the NIF.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +63,10 @@ pub struct NodeIdentity {
     pub policy: Policy,
     /// The VM's atom table, asked whether an atom from a lower tier already exists.
     pub atoms: Arc<dyn AtomTable + Send + Sync>,
+    /// Certificates and keys refused even though they verify.
+    pub revocations: Revocations,
+    /// Where `revocations` came from: watched, and reloaded when it changes.
+    pub revocation_file: Option<std::path::PathBuf>,
 }
 
 impl NodeIdentity {
@@ -132,6 +138,10 @@ pub(crate) struct CarrierShared {
     client_config: quinn::ClientConfig,
     server_config: quinn::ServerConfig,
     refusals: std::sync::Mutex<RefusalLimit>,
+    /// The revocation list in force (the file's, as last read successfully).
+    pub(crate) revocations: std::sync::RwLock<Revocations>,
+    /// Every link, so that a revocation reaches connected peers too.
+    pub(crate) links: std::sync::Mutex<Vec<std::sync::Weak<link::Shared>>>,
 }
 
 impl CarrierShared {
@@ -164,6 +174,101 @@ impl CarrierShared {
             self.log.log(Level::Warning, message);
         } else {
             limit.suppressed += 1;
+        }
+    }
+}
+
+/// How often the revocation file is looked at: a revoked peer is gone within about this.
+const REVOCATION_POLL: Duration = Duration::from_millis(250);
+
+/// Reloads the revocation list whenever its file changes, and disconnects every
+/// connected peer it now revokes. Ends with the carrier.
+async fn watch_revocations(carrier: std::sync::Weak<CarrierShared>, path: std::path::PathBuf) {
+    let stamp = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    loop {
+        tokio::time::sleep(REVOCATION_POLL).await;
+        let Some(carrier) = carrier.upgrade() else {
+            return;
+        };
+        let now = stamp(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        if let Err(why) = carrier.reload_revocations() {
+            carrier.log.log(
+                Level::Warning,
+                format!(
+                    "revocation list {} not reloaded, the previous one stays in force: {why}",
+                    path.display()
+                ),
+            );
+        }
+    }
+}
+
+impl CarrierShared {
+    /// Reads the revocation file again; on success the new list is in force at once,
+    /// for new connections and for every connected peer.
+    pub(crate) fn reload_revocations(&self) -> Result<usize, String> {
+        let Some(path) = &self.identity.revocation_file else {
+            return Err("no revocation list is configured (key revoked)".into());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let list = Revocations::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let entries = list.len();
+        if let Ok(mut current) = self.revocations.write() {
+            *current = list;
+        }
+        self.log.log(
+            Level::Notice,
+            format!(
+                "revocation list {} loaded: {entries} entries",
+                path.display()
+            ),
+        );
+        self.disconnect_revoked();
+        Ok(entries)
+    }
+
+    /// Why this certificate and key are refused, if the revocation list says so.
+    pub(crate) fn revoked(
+        &self,
+        certificate: &trust_dist_proto::CertificateBody,
+        fingerprint: &str,
+    ) -> Option<String> {
+        self.revocations
+            .read()
+            .ok()?
+            .check(certificate, fingerprint)
+    }
+
+    fn disconnect_revoked(&self) {
+        let links: Vec<_> = match self.links.lock() {
+            Ok(mut links) => {
+                links.retain(|l| l.strong_count() > 0);
+                links.iter().filter_map(|l| l.upgrade()).collect()
+            }
+            Err(_) => return,
+        };
+        for link in links {
+            let peer = link.peer();
+            if let Some(why) = self.revoked(&peer.certificate, &peer.fingerprint) {
+                self.log.log(
+                    Level::Warning,
+                    format!(
+                        "disconnecting {} ({}): {why}",
+                        peer.certificate.node, peer.fingerprint
+                    ),
+                );
+                link.revoke(&why);
+            }
         }
     }
 }
@@ -216,7 +321,10 @@ impl Carrier {
             )
             .map_err(|error| StartError::Bind { addr: bind, error })?
         };
+        let revocations = std::sync::RwLock::new(identity.revocations.clone());
         let shared = Arc::new(CarrierShared {
+            revocations,
+            links: std::sync::Mutex::new(Vec::new()),
             identity,
             settings,
             log,
@@ -228,6 +336,9 @@ impl Carrier {
                 suppressed: 0,
             }),
         });
+        if let Some(path) = shared.identity.revocation_file.clone() {
+            runtime.spawn(watch_revocations(Arc::downgrade(&shared), path));
+        }
         let driver = Driver::start(runtime).map_err(StartError::Runtime)?;
         Ok(Carrier {
             driver: Some(driver),
@@ -242,6 +353,22 @@ impl Carrier {
 
     pub fn identity(&self) -> &NodeIdentity {
         &self.shared.identity
+    }
+
+    /// Reads the revocation file now (it is also watched), returning its entry count.
+    /// Blocks until the runtime has done it (log lines and disconnections must come from
+    /// the runtime's thread): call it from a thread that may block.
+    pub fn reload_revocations(&self) -> Result<usize, String> {
+        let Some(handle) = self.handle() else {
+            return Err("transport is shut down".into());
+        };
+        let shared = self.shared.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        handle.spawn(async move {
+            let _ = tx.send(shared.reload_revocations());
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| "the transport did not answer".to_string())?
     }
 
     fn handle(&self) -> Option<&tokio::runtime::Handle> {

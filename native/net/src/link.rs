@@ -124,7 +124,7 @@ enum ReaderCommand {
     StartData,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     carrier: Arc<CarrierShared>,
     connection: quinn::Connection,
     peer: PeerInfo,
@@ -147,6 +147,15 @@ struct Shared {
 }
 
 impl Shared {
+    pub(crate) fn peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+
+    /// Ends the link because the peer's certificate or key was revoked.
+    pub(crate) fn revoke(&self, why: &str) {
+        self.close(CLOSE_REFUSED, why);
+    }
+
     /// Closes the connection, keeping the first reason given. The `closed` event is sent
     /// by the reader task when it ends, so events always come from runtime threads (the
     /// BEAM forbids sending from a scheduler thread without a process environment).
@@ -446,6 +455,9 @@ fn check_peer(
         .tiers
         .mode(identity.tier(), &body.tier)
         .ok_or_else(|| handshake::HandshakeError::UnknownTier(body.tier.clone()).to_string())?;
+    if let Some(why) = carrier.revoked(&body, &tls_key.fingerprint()) {
+        return Err(format!("peer {} refused: {why}", body.node));
+    }
     Ok(PeerInfo {
         fingerprint: tls_key.fingerprint(),
         cross_tier: body.tier != identity.tier(),
@@ -655,6 +667,11 @@ fn spawn_link(
             suppressed: 0,
         }),
     });
+    if let Ok(mut links) = shared.carrier.links.lock() {
+        links.retain(|l| l.strong_count() > 0);
+        links.push(Arc::downgrade(&shared));
+    }
+    tokio::spawn(end_at_expiry(Arc::downgrade(&shared)));
     let (tick_tx, tick_rx) = mpsc::unbounded_channel();
     let (reader_tx, reader_rx) = mpsc::unbounded_channel();
     tokio::spawn(writer(shared.clone(), send, writer_rx));
@@ -670,6 +687,41 @@ fn spawn_link(
         writer: writer_tx,
         ticker: tick_tx,
         reader: reader_tx,
+    }
+}
+
+/// Ends the link when the peer's certificate expires: validity is not only checked when
+/// a connection is made.
+async fn end_at_expiry(link: std::sync::Weak<Shared>) {
+    let Some(shared) = link.upgrade() else {
+        return;
+    };
+    let not_after = shared.peer.certificate.not_after;
+    let connection = shared.connection.clone();
+    drop(shared);
+    // In steps of at most a day, so the clock is read again and no timer is asked for
+    // a span longer than the runtime supports.
+    loop {
+        let left = not_after.saturating_sub(unix_now());
+        if left == 0 {
+            break;
+        }
+        let step = std::time::Duration::from_secs(left.min(86_400));
+        tokio::select! {
+            _ = connection.closed() => return,
+            _ = tokio::time::sleep(step) => {}
+        }
+    }
+    if let Some(shared) = link.upgrade() {
+        let why = format!(
+            "certificate of {} expired (not_after {not_after})",
+            shared.peer.certificate.node
+        );
+        shared
+            .carrier
+            .log
+            .log(crate::Level::Notice, format!("disconnecting: {why}"));
+        shared.close(CLOSE_REFUSED, &why);
     }
 }
 

@@ -374,6 +374,8 @@ impl Authority {
             tiers: tiers(),
             policy: permissive_policy(),
             atoms: Arc::new(AllAtomsExist),
+            revocations: Default::default(),
+            revocation_file: None,
         }
     }
 }
@@ -870,6 +872,8 @@ fn refuses_an_expired_certificate() {
             tiers: tiers(),
             policy: permissive_policy(),
             atoms: Arc::new(AllAtomsExist),
+            revocations: Default::default(),
+            revocation_file: None,
         },
         settings(),
     );
@@ -977,6 +981,8 @@ fn refuses_a_tampered_certificate() {
                 tiers: tiers(),
                 policy: permissive_policy(),
                 atoms: Arc::new(AllAtomsExist),
+                revocations: Default::default(),
+                revocation_file: None,
             },
             settings(),
         );
@@ -1004,6 +1010,8 @@ fn refuses_another_nodes_certificate_on_its_own_key() {
             tiers: tiers(),
             policy: permissive_policy(),
             atoms: Arc::new(AllAtomsExist),
+            revocations: Default::default(),
+            revocation_file: None,
         },
         settings(),
     );
@@ -1061,6 +1069,8 @@ fn connecting_side_verifies_the_servers_certificate() {
                 tiers: tiers(),
                 policy: permissive_policy(),
                 atoms: Arc::new(AllAtomsExist),
+                revocations: Default::default(),
+                revocation_file: None,
             },
             settings(),
         );

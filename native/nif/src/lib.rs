@@ -15,8 +15,8 @@ use trust_dist_net::{
 };
 use trust_dist_proto::etf::{self, Atom, PidKey, Term as Etf};
 use trust_dist_proto::{
-    Assertion, AtomTable, Capability, Certificate, NodeId, Policy, PublicKey, SecretKey, TierOrder,
-    TierPolicy,
+    Assertion, AtomTable, Capability, Certificate, NodeId, Policy, PublicKey, Revocations,
+    SecretKey, TierOrder, TierPolicy,
 };
 
 mod atoms {
@@ -28,7 +28,7 @@ mod atoms {
         certified_as, tier, fingerprint, mode, cross_tier, address, serial, not_after, issuer, full, restricted,
         bytes_in, bytes_out, packets_in, packets_out, queued, ticks_in, ticks_out, dropped_in,
         identity, certificate, authorities, tiers, listen, node_name, runtime,
-        policy, assertions, counters, denied, trust_dist_denied,
+        policy, assertions, counters, denied, trust_dist_denied, revoked,
         peer, op, reason, outcome, detail, suppressed,
     }
 }
@@ -378,6 +378,7 @@ fn load_identity(
         ));
     }
     let policy = build_policy(&tiers, trust.policy)?;
+    let (revocations, revocation_file) = load_revocations(&trust.revoked)?;
     for assertion in trust.assertions {
         let assertion = build_assertion(assertion)?;
         trust_dist_proto::filter::check_assertion(&assertion, &policy, &tiers, &body.tier)
@@ -390,6 +391,8 @@ fn load_identity(
         tiers,
         policy,
         atoms: Arc::new(VmAtoms),
+        revocations,
+        revocation_file,
     })
 }
 
@@ -447,6 +450,17 @@ type AssertionTerm = (String, bool, String, Vec<String>, u64);
 struct Trust {
     policy: Vec<TierOptions>,
     assertions: Vec<AssertionTerm>,
+    /// The revocation list's path; empty for none.
+    revoked: String,
+}
+
+fn load_revocations(path: &str) -> Result<(Revocations, Option<std::path::PathBuf>), ConfigError> {
+    if path.is_empty() {
+        return Ok((Revocations::default(), None));
+    }
+    let text = read_text(atoms::revoked(), path)?;
+    let list = Revocations::parse(&text).map_err(|e| (atoms::revoked(), format!("{path}: {e}")))?;
+    Ok((list, Some(path.into())))
 }
 
 fn build_policy(tiers: &TierOrder, options: Vec<TierOptions>) -> Result<Policy, ConfigError> {
@@ -501,6 +515,7 @@ struct StartOptions {
     ip: String,
     port: u16,
     log: LocalPid,
+    revoked: String,
     idle_timeout_ms: u64,
     handshake_timeout_ms: u64,
     max_frame: u32,
@@ -520,7 +535,11 @@ fn start<'a>(
         &options.authorities,
         options.tiers,
         &options.node_name,
-        Trust { policy, assertions },
+        Trust {
+            policy,
+            assertions,
+            revoked: options.revoked,
+        },
     ) {
         Ok(identity) => identity,
         Err((key, why)) => return error(key, why),
@@ -814,6 +833,17 @@ fn peer<'a>(env: Env<'a>, link: ResourceArc<LinkResource>) -> Term<'a> {
 fn close(link: ResourceArc<LinkResource>, reason: String) -> rustler::Atom {
     link.link.close(&reason);
     atoms::ok()
+}
+
+/// Reads the revocation list again: `{ok, Entries}` or `{error, Why}`. Connected peers
+/// it now revokes are disconnected.
+#[rustler::nif(schedule = "DirtyIo")]
+fn reload_revocations<'a>(env: Env<'a>, resource: ResourceArc<CarrierResource>) -> Term<'a> {
+    match with_carrier(&resource, |c| c.reload_revocations()) {
+        Some(Ok(n)) => (atoms::ok(), n).encode(env),
+        Some(Err(why)) => (atoms::error(), why).encode(env),
+        None => (atoms::error(), "the carrier is stopped").encode(env),
+    }
 }
 
 /// OTP's system processes, by name: the filter's list, so that the Erlang side finds

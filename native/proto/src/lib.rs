@@ -17,9 +17,11 @@ pub mod handshake;
 pub mod identity;
 pub mod link;
 pub mod policy;
+pub mod revocation;
 
 pub use cert::{CertError, Certificate, CertificateBody};
 pub use filter::{AtomTable, Decision, LinkFilter, NodeId, Reason, Verdict};
 pub use identity::{KeyError, KeyId, PublicKey, SecretKey};
 pub use link::{LinkMode, TierOrder};
 pub use policy::{Assertion, Capability, Policy, TierPolicy};
+pub use revocation::Revocations;
