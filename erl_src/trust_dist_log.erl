@@ -28,7 +28,9 @@ denied(#{peer := Peer, tier := Tier, op := Op, reason := Reason, outcome := Outc
                   reason => binary_to_atom(Reason),
                   outcome => binary_to_atom(Outcome)},
     Level = case Outcome of <<"audited">> -> notice; _ -> warning end,
-    logger:log(Level, Report, #{domain => [trust_dist], report_cb => fun format_denied/1}).
+    logger:log(Level, Report, #{domain => [trust_dist], report_cb => fun format_denied/1}),
+    trust_dist_telemetry:emit([denied], #{count => 1, suppressed => maps:get(suppressed, Report, 0)},
+                              maps:with([peer, tier, op, reason, outcome, detail], Report)).
 
 format_denied(#{peer := Peer, tier := Tier, op := Op, reason := Reason, outcome := Outcome,
                 detail := Detail, suppressed := Suppressed}) ->

@@ -38,7 +38,7 @@ register_link(Node, Ctrl, Link, Info) ->
 %% @doc `[{Node, Link, Info}]' for every established link.
 links() ->
     try ets:tab2list(?TABLE) of
-        Rows -> [{Node, Link, Info} || {_Ctrl, Node, Link, Info} <- Rows]
+        Rows -> [{Node, Link, Info} || {_Ctrl, Node, Link, Info, _Since} <- Rows]
     catch
         error:badarg -> []
     end.
@@ -134,8 +134,21 @@ net_setuptime_ms() ->
 
 handle_cast({register_link, Node, Ctrl, Link, Info}, State) ->
     _ = erlang:monitor(process, Ctrl),
-    ets:insert(?TABLE, {Ctrl, Node, Link, Info}),
+    ets:insert(?TABLE, {Ctrl, Node, Link, Info, erlang:monotonic_time(millisecond)}),
+    trust_dist_telemetry:emit([link, up], #{system_time => erlang:system_time()},
+                              (link_metadata(Node, Info))#{fingerprint => maps:get(fingerprint, Info),
+                                                            certified_as => maps:get(certified_as, Info)}),
     {noreply, State}.
+
+link_metadata(Node, Info) ->
+    #{peer => Node, tier => maps:get(tier, Info), mode => maps:get(mode, Info)}.
+
+link_down(Node, Link, Info, Since, Reason) ->
+    Stats = trust_dist_nif:stats(Link),
+    Measurements = maps:merge(maps:with([bytes_in, bytes_out, packets_in, packets_out, denied], Stats),
+                              #{duration_ms => erlang:monotonic_time(millisecond) - Since}),
+    trust_dist_telemetry:emit([link, down], Measurements,
+                              (link_metadata(Node, Info))#{reason => Reason}).
 
 handle_info({trust_dist_denied, Report}, State) ->
     trust_dist_log:denied(Report),
@@ -143,8 +156,11 @@ handle_info({trust_dist_denied, Report}, State) ->
 handle_info({trust_dist_log, Level, Message}, State) ->
     trust_dist_log:log(Level, "~ts", [Message]),
     {noreply, State};
-handle_info({'DOWN', _, process, Ctrl, _}, State) ->
-    ets:delete(?TABLE, Ctrl),
+handle_info({'DOWN', _, process, Ctrl, Reason}, State) ->
+    case ets:take(?TABLE, Ctrl) of
+        [{Ctrl, Node, Link, Info, Since}] -> link_down(Node, Link, Info, Since, Reason);
+        [] -> ok
+    end,
     {noreply, State};
 handle_info(_Other, State) ->
     {noreply, State}.

@@ -3,6 +3,7 @@
 -module(trust_dist_probe).
 -behaviour(gen_server).
 
+-export([telemetry_start/0, telemetry_events/0]).
 -export([start_echo/1, echo_roundtrip/3, alias_roundtrip/1, send_to_alias/2,
          transfer/3, hash_receiver/0, ordered_senders/3, collector/3,
          start_server/1, server_call/3, link_exit/2, monitor_down/2, monitor_noproc/1,
@@ -745,3 +746,41 @@ global_register(Name) ->
 
 global_lookup(Name) ->
     global:whereis_name(Name).
+
+%%% A stand-in for the `telemetry' library (a Hex package, not available here): the
+%%% carrier's bridge calls telemetry:execute/3 when that function is loaded. The test
+%%% loads this module under that name on one node only.
+
+telemetry_stub_source() ->
+    "-module(telemetry).\n"
+    "-export([execute/3]).\n"
+    "execute(Event, Measurements, Metadata) ->\n"
+    "    case whereis(trust_dist_probe_telemetry) of\n"
+    "        undefined -> ok;\n"
+    "        Sink -> Sink ! {event, Event, Measurements, Metadata}, ok\n"
+    "    end.\n".
+
+%% Loads the stand-in and starts collecting its events.
+telemetry_start() ->
+    Dir = filename:join(os:getenv("TMPDIR", "/tmp"), "trust_dist_telemetry_" ++ os:getpid()),
+    ok = filelib:ensure_dir(filename:join(Dir, "x")),
+    File = filename:join(Dir, "telemetry.erl"),
+    ok = file:write_file(File, telemetry_stub_source()),
+    {ok, telemetry, Bin} = compile:file(File, [binary]),
+    {module, telemetry} = code:load_binary(telemetry, File, Bin),
+    Sink = spawn(fun() -> telemetry_sink([]) end),
+    true = register(trust_dist_probe_telemetry, Sink),
+    ok.
+
+telemetry_sink(Events) ->
+    receive
+        {event, Event, Measurements, Metadata} ->
+            telemetry_sink([{Event, Measurements, Metadata} | Events]);
+        {get, From} ->
+            From ! {events, lists:reverse(Events)},
+            telemetry_sink(Events)
+    end.
+
+telemetry_events() ->
+    trust_dist_probe_telemetry ! {get, self()},
+    receive {events, Events} -> Events after 5000 -> timeout end.
