@@ -214,6 +214,54 @@ defmodule TrustDist.BootTest do
       C.put_config(node.dir, listen: %{port: 70000})
       assert_refused(node, :listen, "not a UDP port number")
     end
+
+    test "a bad static port map", %{node: node} do
+      C.put_config(node.dir, ports: %{"b@h" => 4370})
+      assert_refused(node, :ports, "must map a node name atom to a UDP port")
+    end
+
+    test "a policy for a tier that does not exist", %{node: node} do
+      C.put_config(node.dir, policy: %{wroker: %{}})
+      assert_refused(node, :policy, "names tier wroker")
+    end
+
+    test "an unknown policy option", %{node: node} do
+      C.put_config(node.dir, tiers: [:admin, :worker], policy: %{worker: %{registred: [:results]}})
+
+      assert_refused(node, :policy, "unknown option registred")
+    end
+
+    test "a policy value of the wrong type", %{node: node} do
+      C.put_config(node.dir, tiers: [:admin, :worker], policy: %{worker: %{max_message_size: -1}})
+      assert_refused(node, :policy, "max_message_size must be a positive integer")
+    end
+
+    test "a policy exposing an OTP system process", %{node: node} do
+      C.put_config(node.dir, tiers: [:admin, :worker], policy: %{worker: %{registered: [:rex]}})
+      assert_refused(node, :policy, "rex is an OTP system process")
+    end
+
+    test "a malformed assertion", %{node: node} do
+      C.put_config(node.dir, tiers: [:admin, :worker], assertions: [{:worker, :might, :spawn}])
+      assert_refused(node, :assertions, "is not an assertion")
+    end
+
+    test "an assertion that does not hold", %{node: node} do
+      C.put_config(node.dir, tiers: [:admin, :worker], assertions: [{:worker, :may, :spawn}])
+      assert_refused(node, :assertions, "{worker, may, spawn} does not hold")
+    end
+
+    test "a revocation list that is missing", %{node: node} do
+      C.put_config(node.dir, revoked: ~c"/nonexistent/revoked.list")
+      assert_refused(node, :revoked, "cannot read /nonexistent/revoked.list")
+    end
+
+    test "a revocation list that does not parse", %{node: node} do
+      path = Path.join(node.dir, "revoked.list")
+      File.write!(path, "# fine\nrevoke everyone\n")
+      C.put_config(node.dir, revoked: String.to_charlist(path))
+      assert_refused(node, :revoked, "line 2")
+    end
   end
 
   defp free_udp_ports(n) do
