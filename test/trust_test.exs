@@ -343,6 +343,9 @@ defmodule TrustDist.TrustTest do
           assert on(cl, from, :alias_roundtrip, [dest]) == :ok
           text = "io from #{to} to #{from}'s group leader #{tag()}\n"
           assert on(cl, from, :remote_io, [dest, text]) == text
+
+          assert on(cl, from, :remote_io_format, [dest, ~c"~s ~b~n", [~c"formatted", 42]]) ==
+                   "formatted 42\n"
         end
       end
 

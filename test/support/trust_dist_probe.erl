@@ -3,7 +3,7 @@
 -module(trust_dist_probe).
 -behaviour(gen_server).
 
--export([telemetry_start/0, telemetry_events/0]).
+-export([telemetry_start/0, telemetry_events/0, remote_io_format/3]).
 -export([start_echo/1, echo_roundtrip/3, alias_roundtrip/1, send_to_alias/2,
          transfer/3, hash_receiver/0, ordered_senders/3, collector/3,
          start_server/1, server_call/3, link_exit/2, monitor_down/2, monitor_noproc/1,
@@ -699,11 +699,18 @@ forge_reply({Pid, Tag}, Reply) ->
 %% A process here whose group leader captures io spawns io:put_chars(Text) on Node; the
 %% output must land here. Returns what the group leader captured.
 remote_io(Node, Text) ->
+    remote_io(Node, io, put_chars, [Text]).
+
+%% The same with io:format(Format, Args), which asks the group leader to run io_lib:format.
+remote_io_format(Node, Format, Args) ->
+    remote_io(Node, io, format, [Format, Args]).
+
+remote_io(Node, M, F, A) ->
     Gl = spawn(fun() -> capture_gl([]) end),
     Self = self(),
     spawn(fun() ->
                   group_leader(Gl, self()),
-                  Pid = spawn(Node, io, put_chars, [Text]),
+                  Pid = spawn(Node, M, F, A),
                   Ref = monitor(process, Pid),
                   receive {'DOWN', Ref, _, _, _} -> ok after 5000 -> ok end,
                   Self ! {remote_io_done, Gl}

@@ -944,7 +944,19 @@ fn report_denial(shared: &Shared, decision: &Decision) {
         op: decision.op.map_or("packet", |op| op.name()),
         reason: decision.reason.map_or("refused", |r| r.as_str()),
         outcome: decision.outcome().as_str(),
-        detail: decision.detail.clone(),
+        // The detail quotes the peer (an atom's text): no control characters reach a log.
+        detail: decision
+            .detail
+            .chars()
+            .flat_map(|c| {
+                let escaped: Vec<char> = if c.is_control() {
+                    c.escape_default().collect()
+                } else {
+                    vec![c]
+                };
+                escaped
+            })
+            .collect(),
         suppressed,
     });
 }

@@ -1,10 +1,9 @@
 //! Distribution packets: the header forms and every control message of OTP 25–29.
 //!
 //! Restricted links negotiate neither the atom cache nor fragments, so a peer's packet is
-//! either the pass-through form (`112`, then the control term and the optional payload
-//! term, each with its own version byte) or a normal header without atom-cache refs
-//! (`131, 68, 0`, then both terms without version bytes). Any other form on such a link
-//! is refused: it would mean the peer uses a feature that was not negotiated.
+//! in the pass-through form: `112`, then the control term and the optional payload term,
+//! each with its own version byte. That is the only form the VM writes, and the only one
+//! it reads, on such a link; any other is refused.
 
 use crate::etf::{self, Atom, EtfError, Pid, Reference, Term};
 
@@ -310,8 +309,6 @@ pub struct Packet<'a> {
 enum Form {
     /// `112`: each term carries its own version byte.
     PassThrough,
-    /// `131, 68, 0`: no atom-cache refs; terms without version bytes.
-    NoCache,
 }
 
 /// Strips the header, returning the bytes from the control term on.
@@ -325,8 +322,9 @@ fn header(packet: &[u8]) -> Result<(&[u8], Form), DecodeError> {
             Ok((terms, Form::PassThrough))
         }
         etf::VERSION => match rest {
-            [68, 0, terms @ ..] => Ok((terms, Form::NoCache)),
-            [68, ..] => Err(DecodeError::HeaderForm("atom-cache header")),
+            // Without the atom cache and fragments the VM only ever writes the
+            // pass-through form, and takes nothing else on such a link.
+            [68, ..] => Err(DecodeError::HeaderForm("normal distribution header")),
             [69, ..] | [70, ..] => Err(DecodeError::HeaderForm("fragment")),
             [other, ..] => Err(DecodeError::UnknownHeader(*other)),
             [] => Err(DecodeError::Empty),
@@ -352,7 +350,6 @@ pub fn decode(packet: &[u8]) -> Result<Packet<'_>, DecodeError> {
                 .strip_prefix(&[etf::VERSION])
                 .ok_or(EtfError::NoVersion)?,
         ),
-        (Form::NoCache, after) => Some(after),
     };
     let tuple = control
         .as_tuple()

@@ -144,10 +144,35 @@ pub enum Reason {
     UnknownSpawnRequest,
     MonitorLimit,
     MonitorNotAllowed,
+    ForgedReplyTo,
+    ReusedReference,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 26] = [
+    /// Whether audit mode may deliver what this reason refuses: the policy's grants and
+    /// allowlists are what a deployment tries out; what protects the node whatever the
+    /// policy says (atoms, identities, system processes and messages, io and admin
+    /// requests) stays enforced.
+    pub fn audit_may_deliver(self) -> bool {
+        matches!(
+            self,
+            Reason::SpawnDenied
+                | Reason::ExitDenied
+                | Reason::GroupLeaderDenied
+                | Reason::LinkDenied
+                | Reason::NotGranted
+                | Reason::NameNotAllowed
+                | Reason::UngrantedIdentity
+                | Reason::Fun
+                | Reason::UnknownLink
+                | Reason::UnknownMonitor
+                | Reason::UnknownSpawnRequest
+                | Reason::MonitorLimit
+                | Reason::MonitorNotAllowed
+        )
+    }
+
+    pub const ALL: [Reason; 28] = [
         Reason::Malformed,
         Reason::UnknownOperation,
         Reason::Oversized,
@@ -174,6 +199,8 @@ impl Reason {
         Reason::UnknownSpawnRequest,
         Reason::MonitorLimit,
         Reason::MonitorNotAllowed,
+        Reason::ForgedReplyTo,
+        Reason::ReusedReference,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -204,6 +231,8 @@ impl Reason {
             Reason::UnknownSpawnRequest => "unknown_spawn_request",
             Reason::MonitorLimit => "monitor_limit",
             Reason::MonitorNotAllowed => "monitor_not_allowed",
+            Reason::ForgedReplyTo => "forged_reply_to",
+            Reason::ReusedReference => "reused_reference",
         }
     }
 }
@@ -339,6 +368,9 @@ impl Counters {
 #[derive(Debug, Clone, Copy)]
 struct SpawnMade {
     from: PidKey,
+    /// The `link` and `monitor` options of the request: a reply may only confirm these.
+    link: bool,
+    monitor: bool,
 }
 
 /// The filter state of one restricted link.
@@ -479,6 +511,8 @@ enum Rule {
     Deliver,
     Refuse(Reason, String),
     Answer(Reason, String, Vec<u8>),
+    /// Something no real VM sends: the link ends.
+    Close(Reason, String),
 }
 
 fn refuse(reason: Reason, detail: impl Into<String>) -> Rule {
@@ -546,7 +580,10 @@ impl LinkFilter {
     /// traffic is judged. Updates the link's bookkeeping and counters.
     pub fn decide(&mut self, packet: &[u8], atoms: &dyn AtomTable) -> Decision {
         let mut decision = self.judge(packet, atoms);
-        if self.policy.audit && matches!(decision.verdict, Verdict::Drop | Verdict::Answer(_)) {
+        if self.policy.audit
+            && matches!(decision.verdict, Verdict::Drop | Verdict::Answer(_))
+            && decision.reason.is_some_and(Reason::audit_may_deliver)
+        {
             decision.verdict = Verdict::Deliver;
             decision.audited = true;
         }
@@ -616,6 +653,7 @@ impl LinkFilter {
                 done(op, verdict, None, String::new())
             }
             Rule::Refuse(reason, detail) => done(op, Verdict::Drop, Some(reason), detail),
+            Rule::Close(reason, detail) => done(op, Verdict::Close, Some(reason), detail),
             Rule::Answer(reason, detail, answer) => {
                 done(op, Verdict::Answer(answer), Some(reason), detail)
             }
@@ -751,7 +789,7 @@ impl LinkFilter {
             }
             C::AliasSend { from, alias } => {
                 self.sender(&from)?;
-                self.message_to_alias(&alias, p.payload)?;
+                self.message_to_alias(&alias, Some(&from), p.payload)?;
                 Rule::Deliver
             }
             C::AltactSigSend { flags, from, to } => {
@@ -764,7 +802,9 @@ impl LinkFilter {
                 }
                 match to {
                     Target::Pid(pid) => self.message_to_pid(&pid, Some(&from), p.payload)?,
-                    Target::Alias(alias) => self.message_to_alias(&alias, p.payload)?,
+                    Target::Alias(alias) => {
+                        self.message_to_alias(&alias, Some(&from), p.payload)?
+                    }
                     Target::Name(name) => self.message_to_name(&name, &from, p.payload)?,
                 }
                 Rule::Deliver
@@ -908,6 +948,15 @@ impl LinkFilter {
                         ))
                     }
                 };
+                if flags & !3 != 0
+                    || (flags & 1 != 0 && !made.link)
+                    || (flags & 2 != 0 && !made.monitor)
+                {
+                    return Err(Rule::Close(
+                        Reason::UnknownSpawnRequest,
+                        format!("spawn reply flags {flags} that the request did not ask for"),
+                    ));
+                }
                 if let Term::Pid(child) = result {
                     self.sender(&child)?;
                     if flags & 1 != 0 {
@@ -934,29 +983,42 @@ impl LinkFilter {
         payload: Option<&[u8]>,
     ) -> Result<(), Rule> {
         let shape = Shape::of(payload);
+        // A group leader this node gave a process spawned on the peer takes the io
+        // requests that process makes: output only (see `plain_output_request`).
         if self.is_local(to) && self.group_leaders.contains(&to.key()) && shape == Shape::IoRequest
         {
-            return Ok(());
+            return match from {
+                Some(from) if plain_output_request(payload, from) => Ok(()),
+                _ => Err(refuse(
+                    Reason::IoRequest,
+                    "io request other than plain output (put_chars of data, getopts, geometry)",
+                )),
+            };
         }
         if self.is_local(to)
             && self.system.get(&to.key()).map(String::as_str) == Some("rex")
             && from.is_some_and(|f| self.is_peer(f))
             && shape == Shape::FeaturesReply
         {
-            return self.check_shape(shape, false);
+            return Ok(());
         }
         self.granted_pid(to)?;
-        self.check_shape(shape, false)
+        self.check_shape(shape, payload, from)
     }
 
-    fn message_to_alias(&self, alias: &Reference<'_>, payload: Option<&[u8]>) -> Result<(), Rule> {
+    fn message_to_alias(
+        &self,
+        alias: &Reference<'_>,
+        from: Option<&Pid<'_>>,
+        payload: Option<&[u8]>,
+    ) -> Result<(), Rule> {
         if !alias.node.is(&self.local.name) {
             return Err(refuse(Reason::ThirdNodeIdentity, alias.node.to_utf8()));
         }
         if !self.granted_refs.contains(&alias.key()) {
             return Err(refuse(Reason::NotGranted, "alias"));
         }
-        self.check_shape(Shape::of(payload), false)
+        self.check_shape(Shape::of(payload), payload, from)
     }
 
     fn message_to_name(
@@ -981,10 +1043,16 @@ impl LinkFilter {
         if !self.policy.registered.contains(&text) {
             return Err(refuse(Reason::NameNotAllowed, text));
         }
-        self.check_shape(shape, true)
+        self.check_shape(shape, payload, Some(from))
     }
 
-    fn check_shape(&self, shape: Shape, named: bool) -> Result<(), Rule> {
+    /// What no message from a lower tier may be, whoever it goes to.
+    fn check_shape(
+        &self,
+        shape: Shape,
+        payload: Option<&[u8]>,
+        from: Option<&Pid<'_>>,
+    ) -> Result<(), Rule> {
         match shape {
             Shape::System => Err(refuse(Reason::SystemMessage, "{system, From, Request}")),
             Shape::ForgedSignal(what) => Err(refuse(Reason::ForgedSignal, what)),
@@ -992,7 +1060,13 @@ impl LinkFilter {
                 Reason::IoRequest,
                 "io request to a process that is not a granted group leader",
             )),
-            Shape::AdminCall(what) if named => Err(refuse(Reason::AdminCommand, what)),
+            Shape::AdminCall(what) => Err(refuse(Reason::AdminCommand, what)),
+            // gen_server and gen_statem send their reply to whatever the call names as
+            // its caller: a registered name, another node. Only the sender may be it.
+            Shape::GenCall if !from.is_some_and(|f| reply_to_is(payload, f)) => Err(refuse(
+                Reason::ForgedReplyTo,
+                "a call whose reply would go to someone other than its sender",
+            )),
             _ => Ok(()),
         }
     }
@@ -1019,6 +1093,14 @@ impl LinkFilter {
             return Err(refuse(
                 Reason::SpoofedSender,
                 "monitor reference of another node",
+            ));
+        }
+        // The VM makes a new monitor per request, whatever its reference: a reused one
+        // would escape the count. No real VM reuses a reference.
+        if self.peer_monitors.contains(&reference.key()) {
+            return Err(Rule::Close(
+                Reason::ReusedReference,
+                "monitor reference already in use".into(),
             ));
         }
         match allowed {
@@ -1099,11 +1181,9 @@ impl LinkFilter {
         let Ok(p) = control::decode(packet) else {
             return;
         };
-        let _ = etf::walk(
-            p.control_bytes,
-            etf::SKIP_MAX_DEPTH,
-            &mut Grants { filter: self },
-        );
+        // Grants come from what this node's processes put in messages (and a spawned
+        // process's own pid, below), not from control messages: a process that sends,
+        // links or replies does not thereby become addressable.
         if let Some(payload) = p.payload {
             let _ = etf::walk(payload, etf::SKIP_MAX_DEPTH, &mut Grants { filter: self });
         }
@@ -1136,19 +1216,33 @@ impl LinkFilter {
                 req_id,
                 from,
                 group_leader,
+                options,
                 ..
             } => {
-                self.spawns
-                    .insert(req_id.key(), SpawnMade { from: from.key() });
+                let has = |name: &str| match options {
+                    Term::List(seq) => seq.iter().any(|o| o.is_ok_and(|o| o.is_atom(name))),
+                    _ => false,
+                };
+                let made = SpawnMade {
+                    from: from.key(),
+                    link: has("link"),
+                    monitor: has("monitor"),
+                };
+                self.spawns.insert(req_id.key(), made);
+                // Only for io requests: never a general message target (an application
+                // master, the group leader of application processes, stops its
+                // application on request).
                 self.group_leaders.insert(group_leader.key(), ());
             }
-            // A spawn this node granted the peer: the link and monitor it asked for.
+            // A spawn this node granted the peer: its process is the peer's to address,
+            // with the link and monitor it asked for.
             C::SpawnReply {
                 req_id,
                 to,
                 flags,
                 result: Term::Pid(child),
             } => {
+                self.granted_pids.insert(child.key(), ());
                 if flags & 1 != 0 {
                     self.links.insert((child.key(), to.key()), ());
                 }
@@ -1323,6 +1417,75 @@ impl Shape {
         };
         check().unwrap_or(false)
     }
+}
+
+/// `{'$gen_call', {Pid, Tag}, Request}` whose `Pid` is `from`.
+fn reply_to_is(payload: Option<&[u8]>, from: &Pid<'_>) -> bool {
+    let check = || -> Option<bool> {
+        let tuple = Term::peek(payload?).ok()?.as_tuple()?;
+        let reply_to = tuple.get(1).ok()?.as_tuple()?;
+        Some(reply_to.len() == 2 && reply_to.get(0).ok()?.as_pid()? == *from)
+    };
+    check().unwrap_or(false)
+}
+
+/// `{io_request, From, ReplyAs, Request}` from `from` asking for output only:
+/// `{put_chars, Encoding, Chars}`, `{put_chars, Chars}`, `{put_chars, Encoding, io_lib,
+/// format | fwrite | write, Args}` (io:format and io:write), `getopts`,
+/// `{get_geometry, _}`, or `{requests, [...]}` of those. Refused: any other function for
+/// the io server to apply, `get_until`, reading from the console (`get_line`,
+/// `get_chars`), and changing it (`setopts`).
+fn plain_output_request(payload: Option<&[u8]>, from: &Pid<'_>) -> bool {
+    fn plain(request: &Term<'_>, depth: u8) -> bool {
+        if request.is_atom("getopts") {
+            return true;
+        }
+        let Some(t) = request.as_tuple() else {
+            return false;
+        };
+        let Ok(first) = t.get(0) else {
+            return false;
+        };
+        let data = |i: u32| {
+            t.get(i).is_ok_and(|c| {
+                matches!(
+                    c,
+                    Term::Binary(_) | Term::String(_) | Term::Nil | Term::List(_)
+                )
+            })
+        };
+        let encoding = || {
+            t.get(1)
+                .is_ok_and(|e| e.is_atom("unicode") || e.is_atom("latin1"))
+        };
+        match t.len() {
+            2 if first.is_atom("put_chars") => data(1),
+            3 if first.is_atom("put_chars") => encoding() && data(2),
+            // What io:format/fwrite/write send: the io server formats with io_lib, which
+            // runs no code of the sender's choosing. No other function is applied.
+            5 if first.is_atom("put_chars") => {
+                encoding()
+                    && t.get(2).is_ok_and(|m| m.is_atom("io_lib"))
+                    && t.get(3).is_ok_and(|f| {
+                        f.is_atom("format") || f.is_atom("fwrite") || f.is_atom("write")
+                    })
+                    && t.get(4).is_ok_and(|a| a.list_len().is_some())
+            }
+            2 if first.is_atom("get_geometry") => true,
+            2 if first.is_atom("requests") && depth == 0 => match t.get(1) {
+                Ok(Term::List(list)) => list.iter().all(|r| r.is_ok_and(|r| plain(&r, 1))),
+                Ok(Term::Nil) => true,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+    let check = || -> Option<bool> {
+        let tuple = Term::peek(payload?).ok()?.as_tuple()?;
+        let sender = tuple.get(1).ok()?.as_pid()?;
+        Some(tuple.len() == 4 && sender == *from && plain(&tuple.get(3).ok()?, 0))
+    };
+    check().unwrap_or(false)
 }
 
 /// `{From, features_request}` where From is the sender.

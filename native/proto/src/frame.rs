@@ -59,6 +59,14 @@ impl FrameDecoder {
     /// the link nothing but the bandwidth.
     pub fn set_discard_above(&mut self, len: u32) {
         self.discard_above = len;
+        // A frame already under way that is over the new limit is dropped too: what is
+        // buffered goes, the rest is skipped as it comes.
+        if self.in_body && self.body_len > len as usize {
+            self.discarded.push(self.body_len);
+            self.skip_left = self.body_len - self.body.len();
+            self.body = Vec::new();
+            self.in_body = false;
+        }
     }
 
     /// Lengths of the frames discarded since the last call.

@@ -65,6 +65,11 @@ pub const SYSTEM_PROCESS_NAMES: &[&str] = &[
     "sasl_sup",
     "overload",
     "trust_dist_server",
+    "heart",
+    "user_drv_reader",
+    "user_drv_writer",
+    "erl_reply",
+    "prim_tty_sighandler",
 ];
 
 pub fn is_system_name(name: &str) -> bool {
