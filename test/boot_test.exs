@@ -256,6 +256,16 @@ defmodule TrustDist.BootTest do
       assert_refused(node, :revoked, "cannot read /nonexistent/revoked.list")
     end
 
+    test "a revocation list that revokes this node", %{node: node} do
+      cert = Path.wildcard(Path.join(node.dir, "*.cert")) |> hd()
+      {show, 0} = System.cmd(C.cli(), ["cert", "show", cert])
+      [_, fingerprint] = Regex.run(~r/(SHA256:\S+)/, show)
+      path = Path.join(node.dir, "revoked.list")
+      File.write!(path, "key #{fingerprint}\n")
+      C.put_config(node.dir, revoked: String.to_charlist(path))
+      assert_refused(node, :revoked, "this node's own certificate is revoked")
+    end
+
     test "a revocation list that does not parse", %{node: node} do
       path = Path.join(node.dir, "revoked.list")
       File.write!(path, "# fine\nrevoke everyone\n")
