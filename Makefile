@@ -7,7 +7,7 @@ export MIX_HOME ?= $(CURDIR)/_build/mix_home
 export HEX_OFFLINE := 1
 
 .PHONY: all deps build test test-rust test-elixir test-matrix matrix-chroots demo bench \
-        fmt lint clean fuzz
+        fmt lint clean fuzz releases
 
 all: build
 
@@ -35,6 +35,11 @@ matrix-chroots:
 
 demo: build
 	scripts/demo.sh
+
+# examples/mix_release and examples/rebar3_release: build both releases, boot two nodes of
+# each on the carrier (embedded and interactive mode), check links and remote shells.
+releases: deps
+	scripts/releases.sh
 
 # trust vs inet_tcp_dist vs inet_tls_dist, side by side; results in bench/results/.
 # BENCH_ARGS=--quick for a smoke run, --carriers trust,inet_tcp for a subset.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and testing trust_dist needs and is missing: Erlang/OTP and
-# Elixir from Debian (OTP 25 and Elixir 1.14 on bookworm), debootstrap for the OTP
+# Elixir from Debian (OTP 25 and Elixir 1.14 on bookworm), rebar3, debootstrap for the OTP
 # version matrix, and a Rust toolchain check. Idempotent; needs root (or sudo) only when
 # something is missing.
 set -euo pipefail
@@ -13,6 +13,7 @@ command -v elixir >/dev/null 2>&1 || need+=(elixir)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 command -v epmd >/dev/null 2>&1 || need+=(erlang-base)
+command -v rebar3 >/dev/null 2>&1 || need+=(rebar3)   # make releases (works offline)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: installing ${need[*]}"
