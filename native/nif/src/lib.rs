@@ -379,7 +379,7 @@ fn load_identity(
     }
     let policy = build_policy(&tiers, trust.policy)?;
     let (revocations, revocation_file) = load_revocations(&trust.revoked)?;
-    if let Some(why) = revocations.check(&body, &body.public_key.fingerprint()) {
+    if let Some(why) = revocations.check(body, &body.public_key.fingerprint()) {
         return Err((
             atoms::revoked(),
             format!("this node's own certificate is revoked ({why}): every peer would refuse it; issue a new key and certificate"),
