@@ -702,10 +702,14 @@ impl LinkFilter {
         scan.identifiers = true;
         // The reason some operations carry inside the control message is a free term
         // like a payload; the rules look at the other elements one by one.
-        if let Some(reason) = control_reason(packet) {
-            if let Err(e) = etf::walk(reason, self.policy.max_depth, &mut scan) {
-                return Some((Reason::Malformed, e.to_string()));
+        match control_reason(packet) {
+            Ok(Some(reason)) => {
+                if let Err(e) = etf::walk(reason, self.policy.max_depth, &mut scan) {
+                    return Some((Reason::Malformed, e.to_string()));
+                }
             }
+            Ok(None) => {}
+            Err(e) => return Some((Reason::Malformed, e.to_string())),
         }
         if let Some(payload) = packet.payload {
             match etf::walk(payload, self.policy.max_depth, &mut scan) {
@@ -1272,14 +1276,19 @@ fn allowed_spawn_option(option: &Term<'_>) -> bool {
 
 /// The reason term inside the control message of the old exit operations, which carry
 /// it there instead of as a payload.
-fn control_reason<'a>(p: &Packet<'a>) -> Option<&'a [u8]> {
+/// An operation that has one but whose reason cannot be found is an error, never a
+/// reason left unscanned.
+fn control_reason<'a>(p: &Packet<'a>) -> Result<Option<&'a [u8]>, etf::EtfError> {
     let index = match p.op {
         Op::Exit | Op::Exit2 => 3,
         Op::ExitTt | Op::Exit2Tt | Op::MonitorPExit => 4,
-        _ => return None,
+        _ => return Ok(None),
     };
-    let (term, _) = Term::parse(p.control_bytes).ok()?;
-    term.as_tuple()?.raw(index).ok()
+    let (term, _) = Term::parse(p.control_bytes)?;
+    let tuple = term
+        .as_tuple()
+        .ok_or(etf::EtfError::Malformed("control message"))?;
+    Ok(Some(tuple.raw(index)?))
 }
 
 /// The function a spawn request really runs: erpc's own entry points carry it in their
