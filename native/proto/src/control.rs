@@ -691,24 +691,35 @@ fn control_message(
 /// Builds the packets the carrier sends in answer to refused requests, in the
 /// pass-through form (restricted links negotiate no atom cache).
 pub mod answer {
-    use crate::etf::encode;
-    use crate::etf::VERSION;
+    use crate::etf::{encode, VERSION};
 
-    fn start(out: &mut Vec<u8>) {
+    /// A pass-through packet: `{Op, Elements...}`, then the payload if any (elements and
+    /// payload already encoded, without version bytes).
+    pub fn packet(op: u8, elements: &[&[u8]], payload: Option<&[u8]>) -> Vec<u8> {
+        let size: usize =
+            elements.iter().map(|e| e.len()).sum::<usize>() + payload.map_or(0, <[u8]>::len);
+        let mut out = Vec::with_capacity(size + 8);
         out.extend_from_slice(&[112, VERSION]);
+        encode::small_tuple(&mut out, elements.len().min(254) as u8 + 1);
+        encode::small_int(&mut out, op);
+        for e in elements.iter().take(254) {
+            out.extend_from_slice(e);
+        }
+        if let Some(p) = payload {
+            out.push(VERSION);
+            out.extend_from_slice(p);
+        }
+        out
     }
 
     /// `{31, ReqId, To, 0, Error}`: the spawn request `req_id` of `to` failed.
     pub fn spawn_error(req_id_raw: &[u8], to_raw: &[u8], error: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + req_id_raw.len() + to_raw.len());
-        start(&mut out);
-        encode::small_tuple(&mut out, 5);
-        encode::small_int(&mut out, 31);
-        out.extend_from_slice(req_id_raw);
-        out.extend_from_slice(to_raw);
-        encode::small_int(&mut out, 0);
-        encode::atom(&mut out, error);
-        out
+        let flags = [crate::etf::tag::SMALL_INTEGER, 0];
+        packet(
+            31,
+            &[req_id_raw, to_raw, &flags, &encode::atom_term(error)],
+            None,
+        )
     }
 
     /// `{28, FromProc, To, Ref}` + Reason: the monitor `reference` of `to` on `from_raw`
@@ -719,28 +730,15 @@ pub mod answer {
         reference_raw: &[u8],
         reason: &str,
     ) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + from_raw.len() + to_raw.len());
-        start(&mut out);
-        encode::small_tuple(&mut out, 4);
-        encode::small_int(&mut out, 28);
-        out.extend_from_slice(from_raw);
-        out.extend_from_slice(to_raw);
-        out.extend_from_slice(reference_raw);
-        out.push(VERSION);
-        encode::atom(&mut out, reason);
-        out
+        packet(
+            28,
+            &[from_raw, to_raw, reference_raw],
+            Some(&encode::atom_term(reason)),
+        )
     }
 
     /// `{24, From, To}` + Reason: the link between `from` (ours) and `to` is gone.
     pub fn link_exit(from_raw: &[u8], to_raw: &[u8], reason: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32 + from_raw.len() + to_raw.len());
-        start(&mut out);
-        encode::small_tuple(&mut out, 3);
-        encode::small_int(&mut out, 24);
-        out.extend_from_slice(from_raw);
-        out.extend_from_slice(to_raw);
-        out.push(VERSION);
-        encode::atom(&mut out, reason);
-        out
+        packet(24, &[from_raw, to_raw], Some(&encode::atom_term(reason)))
     }
 }

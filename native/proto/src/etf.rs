@@ -801,6 +801,60 @@ pub mod encode {
         out.extend_from_slice(&[tag::SMALL_ATOM_UTF8, len]);
         out.extend_from_slice(&name.as_bytes()[..usize::from(len)]);
     }
+
+    // Whole terms, for the packets the carrier builds to probe its own policy
+    // (assertions, `policy explain`) and for tests.
+
+    pub fn atom_term(name: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        atom(&mut out, name);
+        out
+    }
+
+    pub fn pid(node: &str, id: u32, serial: u32, creation: u32) -> Vec<u8> {
+        let mut out = vec![tag::NEW_PID];
+        atom(&mut out, node);
+        for n in [id, serial, creation] {
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        out
+    }
+
+    /// A reference of 1 to 5 words (more are cut to 5).
+    pub fn reference(node: &str, creation: u32, words: &[u32]) -> Vec<u8> {
+        let words = &words[..words.len().min(super::MAX_REF_WORDS)];
+        let mut out = vec![tag::NEWER_REFERENCE, 0, words.len() as u8];
+        atom(&mut out, node);
+        out.extend_from_slice(&creation.to_be_bytes());
+        for w in words {
+            out.extend_from_slice(&w.to_be_bytes());
+        }
+        out
+    }
+
+    /// A tuple of at most 255 encoded elements.
+    pub fn tuple(items: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        small_tuple(&mut out, items.len().min(255) as u8);
+        for item in items.iter().take(255) {
+            out.extend_from_slice(item);
+        }
+        out
+    }
+
+    /// A proper list of encoded elements.
+    pub fn list(items: &[Vec<u8>]) -> Vec<u8> {
+        if items.is_empty() {
+            return vec![tag::NIL];
+        }
+        let mut out = vec![tag::LIST];
+        out.extend_from_slice(&(items.len() as u32).to_be_bytes());
+        for item in items {
+            out.extend_from_slice(item);
+        }
+        out.push(tag::NIL);
+        out
+    }
 }
 
 #[cfg(test)]
@@ -830,21 +884,12 @@ mod tests {
         }
     }
 
-    fn pid_bytes(node: &str, id: u32, serial: u32, creation: u32) -> Vec<u8> {
-        let mut v = vec![tag::NEW_PID];
-        encode::atom(&mut v, node);
-        v.extend_from_slice(&id.to_be_bytes());
-        v.extend_from_slice(&serial.to_be_bytes());
-        v.extend_from_slice(&creation.to_be_bytes());
-        v
-    }
-
     #[test]
     fn walks_a_tuple_with_atoms_pids_and_a_binary() {
         // {hello, <pid>, <<1,2,3>>, [1, 2 | x]}
         let mut t = vec![tag::SMALL_TUPLE, 4];
         encode::atom(&mut t, "hello");
-        t.extend(pid_bytes("a@h", 7, 0, 3));
+        t.extend(encode::pid("a@h", 7, 0, 3));
         t.extend_from_slice(&[tag::BINARY, 0, 0, 0, 3, 1, 2, 3]);
         t.extend_from_slice(&[tag::LIST, 0, 0, 0, 2, tag::SMALL_INTEGER, 1]);
         t.extend_from_slice(&[tag::SMALL_INTEGER, 2]);

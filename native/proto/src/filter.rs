@@ -1615,54 +1615,17 @@ impl AtomTable for EveryAtomExists {
 
 /// Runs a packet standing for `capability` through a fresh filter.
 fn probe(capability: &Capability, policy: TierPolicy) -> bool {
-    use etf::encode;
+    use control::answer::packet as build;
+    use etf::encode::{self, atom_term as atom, list, tuple};
     const LOCAL: &str = "local@assertion";
     const PEER: &str = "peer@assertion";
-    let pid = |node: &str, id: u32| {
-        let mut v = vec![etf::tag::NEW_PID];
-        encode::atom(&mut v, node);
-        v.extend_from_slice(&id.to_be_bytes());
-        v.extend_from_slice(&0u32.to_be_bytes());
-        v.extend_from_slice(&1u32.to_be_bytes());
-        v
-    };
-    let reference = |node: &str| {
-        let mut v = vec![etf::tag::NEWER_REFERENCE, 0, 3];
-        encode::atom(&mut v, node);
-        v.extend_from_slice(&1u32.to_be_bytes());
-        v.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3]);
-        v
-    };
+    let pid = |node: &str, id: u32| encode::pid(node, id, 0, 1);
+    let reference = |node: &str| encode::reference(node, 1, &[1, 2, 3]);
     let packet = |op: u8, elements: &[Vec<u8>], payload: Option<Vec<u8>>| {
-        let mut v = vec![112, etf::VERSION];
-        encode::small_tuple(&mut v, elements.len() as u8 + 1);
-        encode::small_int(&mut v, op);
-        for e in elements {
-            v.extend_from_slice(e);
-        }
-        if let Some(p) = payload {
-            v.push(etf::VERSION);
-            v.extend(p);
-        }
-        v
+        let elements: Vec<&[u8]> = elements.iter().map(Vec::as_slice).collect();
+        build(op, &elements, payload.as_deref())
     };
-    let atom = |name: &str| {
-        let mut v = Vec::new();
-        encode::atom(&mut v, name);
-        v
-    };
-    let list = |items: Vec<Vec<u8>>| {
-        if items.is_empty() {
-            return vec![etf::tag::NIL];
-        }
-        let mut v = vec![etf::tag::LIST];
-        v.extend_from_slice(&(items.len() as u32).to_be_bytes());
-        for i in items {
-            v.extend(i);
-        }
-        v.push(etf::tag::NIL);
-        v
-    };
+    let list = |items: Vec<Vec<u8>>| list(&items);
     let mut filter = LinkFilter::new(
         NodeId {
             name: LOCAL.into(),
@@ -1683,14 +1646,8 @@ fn probe(capability: &Capability, policy: TierPolicy) -> bool {
         Some(handed.clone()),
     ));
     let from = pid(PEER, 7);
-    let mfa = |m: &str, f: &str, a: u8| {
-        let mut v = Vec::new();
-        encode::small_tuple(&mut v, 3);
-        v.extend(atom(m));
-        v.extend(atom(f));
-        encode::small_int(&mut v, a);
-        v
-    };
+    let mfa =
+        |m: &str, f: &str, a: u8| tuple(&[atom(m), atom(f), vec![etf::tag::SMALL_INTEGER, a]]);
     let test = match capability {
         Capability::Spawn => packet(
             29,
@@ -1763,7 +1720,7 @@ fn probe(capability: &Capability, policy: TierPolicy) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::etf::{encode, tag, VERSION};
+    use crate::etf::{encode, tag};
 
     const LOCAL: &str = "hi@host";
     const PEER: &str = "lo@host";
@@ -1802,13 +1759,10 @@ mod tests {
         "third@host",
     ]);
 
+    use crate::etf::encode::{atom_term as atom, list, tuple};
+
     fn pid(node: &str, id: u32, creation: u32) -> Vec<u8> {
-        let mut v = vec![tag::NEW_PID];
-        encode::atom(&mut v, node);
-        v.extend_from_slice(&id.to_be_bytes());
-        v.extend_from_slice(&0u32.to_be_bytes());
-        v.extend_from_slice(&creation.to_be_bytes());
-        v
+        encode::pid(node, id, 0, creation)
     }
     fn local(id: u32) -> Vec<u8> {
         pid(LOCAL, id, 1)
@@ -1817,50 +1771,12 @@ mod tests {
         pid(PEER, id, 2)
     }
     fn reference(node: &str, n: u32) -> Vec<u8> {
-        let mut v = vec![tag::NEWER_REFERENCE, 0, 3];
-        encode::atom(&mut v, node);
-        v.extend_from_slice(&(if node == LOCAL { 1u32 } else { 2 }).to_be_bytes());
-        for w in [n, 0, 0] {
-            v.extend_from_slice(&w.to_be_bytes());
-        }
-        v
-    }
-    fn atom(name: &str) -> Vec<u8> {
-        let mut v = Vec::new();
-        encode::atom(&mut v, name);
-        v
-    }
-    fn tuple(items: &[Vec<u8>]) -> Vec<u8> {
-        let mut v = Vec::new();
-        encode::small_tuple(&mut v, items.len() as u8);
-        for i in items {
-            v.extend_from_slice(i);
-        }
-        v
-    }
-    fn list(items: &[Vec<u8>]) -> Vec<u8> {
-        if items.is_empty() {
-            return vec![tag::NIL];
-        }
-        let mut v = vec![tag::LIST];
-        v.extend_from_slice(&(items.len() as u32).to_be_bytes());
-        for i in items {
-            v.extend_from_slice(i);
-        }
-        v.push(tag::NIL);
-        v
+        let creation = if node == LOCAL { 1 } else { 2 };
+        encode::reference(node, creation, &[n, 0, 0])
     }
     fn packet(op: u8, elements: &[Vec<u8>], payload: Option<Vec<u8>>) -> Vec<u8> {
-        let mut control = vec![Vec::new()];
-        encode::small_int(&mut control[0], op);
-        control.extend_from_slice(elements);
-        let mut v = vec![112, VERSION];
-        v.extend(tuple(&control));
-        if let Some(p) = payload {
-            v.push(VERSION);
-            v.extend(p);
-        }
-        v
+        let elements: Vec<&[u8]> = elements.iter().map(Vec::as_slice).collect();
+        control::answer::packet(op, &elements, payload.as_deref())
     }
     fn filter(policy: TierPolicy, system: Vec<(String, PidKey)>) -> LinkFilter {
         LinkFilter::new(
