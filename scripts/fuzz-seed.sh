@@ -56,12 +56,15 @@ PY
 fi
 
 # hello_and_certificate: the valid hello and certificate unchanged (modes 1 and 4),
-# and an empty hello (mode 0).
+# an empty hello (mode 0), a PEM certificate (mode 3) and a raw public key (mode 5).
 printf '\x01' > "$corpus/hello_and_certificate/valid_hello"
 printf '\x04' > "$corpus/hello_and_certificate/valid_certificate"
 printf '\x00\x92\x01\xc4\x00' > "$corpus/hello_and_certificate/empty_hello"
 printf '\x03-----BEGIN TRUST DIST CERTIFICATE-----\nkwHEAMQA\n-----END TRUST DIST CERTIFICATE-----\n' \
   > "$corpus/hello_and_certificate/pem"
+# mode 5: an ed25519 SubjectPublicKeyInfo, as a peer's TLS raw public key arrives.
+{ printf '\x05\x30\x2a\x30\x05\x06\x03\x2b\x65\x70\x03\x21\x00'; head -c 32 /dev/zero | tr '\0' '\021'; } \
+  > "$corpus/hello_and_certificate/spki"
 
 # handshake_name: a send_name (accepting) and send_status + send_challenge (connecting).
 name=worker-1@10.0.0.1

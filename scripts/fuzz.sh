@@ -4,8 +4,8 @@
 # a bounded time (default 60 s) and prints executions and coverage (libFuzzer's final
 # cov/ft). Exits non-zero if any target found a crash (inputs in fuzz/artifacts/).
 #
-# Needs cargo-fuzz (`cargo install cargo-fuzz`) and a nightly toolchain, or a stable one
-# with RUSTC_BOOTSTRAP=1 (used when no nightly is installed).
+# Installs cargo-fuzz when it is missing; builds with a nightly toolchain, or the stable
+# one with RUSTC_BOOTSTRAP=1 when no nightly is installed.
 # FUZZ_TARGETS="etf_walk control_decode" limits the run to some targets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +13,8 @@ secs=${1:-${FUZZ_SECONDS:-60}}
 targets=${FUZZ_TARGETS:-"etf_walk control_decode filter_decide frame_decoder hello_and_certificate handshake_name"}
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
-  echo "cargo-fuzz is not installed: cargo install cargo-fuzz" >&2
-  exit 2
+  echo "fuzz: installing cargo-fuzz from crates.io"
+  cargo install --locked cargo-fuzz
 fi
 if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   fuzz() { cargo +nightly fuzz "$@"; }

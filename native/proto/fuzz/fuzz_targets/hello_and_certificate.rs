@@ -2,7 +2,8 @@
 //! valid hello. Nothing but the untouched hello verifies.
 //!
 //! Input: `[mode, bytes...]`: mode 0 hello from bytes, 1 valid hello XOR bytes, 2
-//! certificate from bytes, 3 certificate from PEM text, 4 valid certificate XOR bytes.
+//! certificate from bytes, 3 certificate from PEM text, 4 valid certificate XOR bytes,
+//! 5 the peer's TLS raw public key (SubjectPublicKeyInfo DER) from bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -85,7 +86,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let f = fixture();
-    match mode % 5 {
+    match mode % 6 {
         0 => hello(rest),
         1 => hello(&xor(&f.hello, rest)),
         2 => certificate(rest),
@@ -95,6 +96,12 @@ fuzz_target!(|data: &[u8]| {
                 let _ = c.verify(&[f.authority], NOW);
             }
         }
-        _ => certificate(&xor(&f.certificate, rest)),
+        4 => certificate(&xor(&f.certificate, rest)),
+        _ => {
+            // Exactly one DER form per key: whatever parses re-encodes to its input.
+            if let Ok(key) = PublicKey::from_spki_der(rest) {
+                assert_eq!(key.to_spki_der(), rest);
+            }
+        }
     }
 });
