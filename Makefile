@@ -41,10 +41,13 @@ demo: build
 releases: deps
 	scripts/releases.sh
 
-# trust vs inet_tcp_dist vs inet_tls_dist, side by side; results in bench/results/.
+# trust vs inet_tcp_dist vs inet_tls_dist vs the bare transport (raw quinn), side by side,
+# with the performance targets as ratios; results in bench/results/ (.md, .json, .svg).
 # BENCH_ARGS=--quick for a smoke run, --carriers trust,inet_tcp for a subset.
+# A full run (no BENCH_ARGS) also renders its plot into docs/bench.svg for the README.
 bench: build
 	bench/run.sh $(BENCH_ARGS)
+	@if [ -z "$(BENCH_ARGS)" ]; then cp bench/results/latest.svg docs/bench.svg && echo "plot: docs/bench.svg"; fi
 
 # cargo-fuzz targets of native/proto (needs cargo-fuzz; nightly or RUSTC_BOOTSTRAP=1).
 FUZZ_SECONDS ?= 60

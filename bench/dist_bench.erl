@@ -19,7 +19,7 @@
 -export([connect/2, rtt/4, throughput/6, rate/5, load_ping/5,
          echo/0, sink/0, os_pid/0]).
 
--define(CARRIERS, [inet_tcp, inet_tls, trust, trust_restricted]).
+-define(CARRIERS, [inet_tcp, inet_tls, trust, trust_restricted, raw_quinn]).
 -define(STARVE_MS, 10000).
 -define(KIB, 1024).
 -define(MIB, (1024 * 1024)).
@@ -52,7 +52,7 @@ main(Args) ->
     halt(Code).
 
 usage() ->
-    "usage: bench/run.sh [--quick] [--carriers inet_tcp,inet_tls,trust,trust_restricted] "
+    "usage: bench/run.sh [--quick] [--carriers inet_tcp,inet_tls,trust,trust_restricted,raw_quinn] "
     "[--out DIR] [--ebin TRUST_EBIN] [--cli TRUST_DIST_CLI] [--tmp DIR] [--keep]\n".
 
 defaults() ->
@@ -95,6 +95,7 @@ carrier(C) when C =:= "inet_tcp"; C =:= "tcp"; C =:= "inet_tcp_dist" -> inet_tcp
 carrier(C) when C =:= "inet_tls"; C =:= "tls"; C =:= "inet_tls_dist" -> inet_tls;
 carrier(C) when C =:= "trust"; C =:= "trust_dist"; C =:= "quic" -> trust;
 carrier(C) when C =:= "trust_restricted"; C =:= "restricted" -> trust_restricted;
+carrier(C) when C =:= "raw_quinn"; C =:= "quinn"; C =:= "raw" -> raw_quinn;
 carrier(C) -> throw({usage, "unknown carrier " ++ C ++
                          " (use inet_tcp, inet_tls, trust, trust_restricted)"}).
 
@@ -162,6 +163,9 @@ clk_tck() ->
 
 %%% One carrier: prepare, main pair (metrics 1-4, 6, reconnect), then fresh pairs (5).
 
+bench_carrier(raw_quinn, Opts) ->
+    log("=== raw_quinn ===", []),
+    raw_quinn(Opts);
 bench_carrier(Carrier, Opts) ->
     log("=== ~s ===", [Carrier]),
     T0 = erlang:monotonic_time(millisecond),
@@ -1013,12 +1017,14 @@ render_markdown(Results, Meta) ->
        notes(P),
        case Starved of [] -> []; _ -> ["\nStarved pings:\n", Starved] end,
        case Info of [] -> []; _ -> ["\n", Info] end,
+       render_targets(Results),
        case Failures of [] -> []; _ -> ["\nFailures:\n", Failures] end]).
 
 column_name(inet_tcp) -> "inet_tcp";
 column_name(inet_tls) -> "inet_tls";
 column_name(trust) -> "trust (full)";
-column_name(trust_restricted) -> "trust (restricted)".
+column_name(trust_restricted) -> "trust (restricted)";
+column_name(raw_quinn) -> "raw quinn".
 
 notes(P) ->
     io_lib:format(
@@ -1078,6 +1084,176 @@ group(N) when N < 0 -> "-" ++ group(-N);
 group(N) when N < 1000 -> integer_to_list(N);
 group(N) -> group(N div 1000) ++ "," ++ string:pad(integer_to_list(N rem 1000), 3, leading, $0).
 
+%%% The transport alone: one QUIC stream between two endpoints set up as the carrier sets
+%%% up its own (native/net/src/reference.rs), no BEAM. Built by bench/run.sh; the same
+%%% throughput duration as the carriers. Metrics it has no counterpart for read "n/a".
+
+raw_quinn(#{root := Root, params := P}) ->
+    Bin = filename:join([Root, "target", "release", "examples", "raw_quinn"]),
+    Secs = maps:get(tput_ms, P) / 1000,
+    NA = maps:from_list([{K, {ok, #{}}} || K <- metric_keys()]),
+    case filelib:is_regular(Bin) of
+        false ->
+            Why = "not built (cargo build --release -p trust_dist_net --example raw_quinn)",
+            maps:from_list([{K, {error, Why}} || K <- metric_keys()]);
+        true ->
+            {Status, Out0} = run_cmd(fmt("~ts ~.2f", [Bin, Secs])),
+            Out = binary_to_list(Out0),
+            KV = maps:from_list([{K, V} || T <- string:lexemes(Out, " \n"),
+                                           [K, V0] <- [string:split(T, "=")],
+                                           {V, _} <- [string:to_float(V0)], is_float(V)]),
+            case {Status, KV} of
+                {0, #{"tput_65536" := T64, "tput_1048576" := T1M,
+                      "rtt_p50_us" := P50, "rtt_p99_us" := P99}} ->
+                    log("raw_quinn: 64 KiB ~.1f MB/s, 1 MiB ~.1f MB/s, RTT p50 ~.1f us",
+                        [T64, T1M, P50]),
+                    NA#{rtt => {ok, #{p50_us => P50, p99_us => P99}},
+                        tput_64k => {ok, #{mb_per_s => T64}},
+                        tput_1m => {ok, #{mb_per_s => T1M}}};
+                _ ->
+                    Why = fmt("raw_quinn exited ~p: ~ts", [Status, Out]),
+                    maps:from_list([{K, {error, Why}} || K <- metric_keys()])
+            end
+    end.
+
+%%% The performance targets, as ratios within this one run.
+
+%% {Label, Target text, Metric, Field, Carrier, Anchor carrier, Check}
+targets() ->
+    [{"1 MiB throughput vs inet_tls", ">= 4x", tput_1m, mb_per_s, trust, inet_tls,
+      fun(R) -> R >= 4 end},
+     {"1 MiB throughput vs raw quinn", ">= 0.8x", tput_1m, mb_per_s, trust, raw_quinn,
+      fun(R) -> R >= 0.8 end},
+     {"RTT p50 vs inet_tcp", "<= 1.3x", rtt, p50_us, trust, inet_tcp,
+      fun(R) -> R =< 1.3 end},
+     {"RTT p50 vs inet_tls", "<= 1x", rtt, p50_us, trust, inet_tls,
+      fun(R) -> R =< 1.0 end},
+     {"100 B msgs/s, 4 senders, vs inet_tcp", ">= 1x", rate_100b, msgs_per_s, trust,
+      inet_tcp, fun(R) -> R >= 1 end},
+     {"ping p99 under 1 MiB bulk", "<= 1 ms", load_ping, p99_us, trust, none,
+      fun(V) -> V =< 1000 end},
+     {"CPU s/GB, both nodes", "<= 5", tput_1m, cpu_total_s_per_gb, trust, none,
+      fun(V) -> V =< 5 end},
+     {"restricted vs full, 1 MiB throughput", ">= 0.9x", tput_1m, mb_per_s,
+      trust_restricted, trust, fun(R) -> R >= 0.9 end},
+     {"first connection vs inet_tcp", "<= 1x", setup, median_ms, trust, inet_tcp,
+      fun(R) -> R =< 1 end}].
+
+value(Results, Carrier, Metric, Field) ->
+    case lists:keyfind(Carrier, 1, Results) of
+        {_, R} ->
+            case maps:get(Metric, R, none) of
+                {ok, #{starved := true}} when Field =:= p99_us -> starved;
+                {ok, #{Field := V}} when is_number(V) -> V;
+                _ -> none
+            end;
+        false -> none
+    end.
+
+render_targets(Results) ->
+    Rows = [target_row(T, Results) || T <- targets()],
+    ["\n### Targets (ratios within this run)\n\n",
+     "| target | wanted | trust | anchor | ratio | met |\n",
+     "|---|---|--:|--:|--:|---|\n",
+     [io_lib:format("| ~ts | ~ts | ~ts | ~ts | ~ts | ~ts |~n", Row) || Row <- Rows]].
+
+target_row({Label, Want, Metric, Field, C, Anchor, Check}, Results) ->
+    V = value(Results, C, Metric, Field),
+    Cell = fun(none) -> "n/a";
+              (starved) -> "starved";
+              (X) when X >= 1000 -> fnum(X, 0);
+              (X) -> fnum(X, 1)
+           end,
+    case Anchor of
+        none ->
+            Met = case V of
+                      none -> "n/a";
+                      starved -> yes_no(false);
+                      _ -> yes_no(Check(V))
+                  end,
+            [Label, Want, Cell(V), "", "", Met];
+        _ ->
+            A = value(Results, Anchor, Metric, Field),
+            case {V, A} of
+                {X, Y} when is_number(X), is_number(Y), Y > 0 ->
+                    R = X / Y,
+                    [Label, Want, Cell(X), column_name(Anchor) ++ " " ++ Cell(Y),
+                     fnum(R, 2) ++ "x", yes_no(Check(R))];
+                _ ->
+                    [Label, Want, Cell(V), column_name(Anchor) ++ " " ++ Cell(A), "n/a", "n/a"]
+            end
+    end.
+
+yes_no(true) -> "yes";
+yes_no(false) -> "**no**".
+
+%%% A plot of the run: one panel per metric, a bar per carrier, written as SVG (no
+%%% plotting library needed) to docs/bench.svg for the README.
+
+plot_panels() ->
+    [{"1 MiB throughput (MB/s, higher is better)", tput_1m, mb_per_s},
+     {"64 KiB throughput (MB/s, higher is better)", tput_64k, mb_per_s},
+     {"small-message RTT p50 (µs, lower is better)", rtt, p50_us},
+     {"100 B messages/s, 4 senders (higher is better)", rate_100b, msgs_per_s},
+     {"ping p99 under 1 MiB bulk (ms, lower is better)", load_ping, p99_us},
+     {"CPU seconds per GB, both nodes (lower is better)", tput_1m, cpu_total_s_per_gb}].
+
+render_svg(Results, Meta) ->
+    Carriers = [C || {C, _} <- Results],
+    PanelH = 34 + 22 * length(Carriers),
+    W = 760,
+    H = 40 + PanelH * length(plot_panels()),
+    Colors = #{inet_tcp => "#7f7f7f", inet_tls => "#d62728", trust => "#1f77b4",
+               trust_restricted => "#17becf", raw_quinn => "#2ca02c"},
+    #{date := Date, otp_release := Otp, cpus := Cpus, mode := Mode} = Meta,
+    Panels =
+        [begin
+             Y0 = 40 + I * PanelH,
+             Vals = [{C, plot_value(Results, C, M, F)} || C <- Carriers],
+             Max = lists:max([1.0e-9 | [V || {_, V} <- Vals, is_number(V)]]),
+             [svg_text(10, Y0 + 18, Title, "bold"),
+              [begin
+                   Y = Y0 + 26 + J * 22,
+                   Label = svg_text(10, Y + 14, column_name(C), ""),
+                   case V of
+                       starved ->
+                           [Label, svg_text(160, Y + 14, "starved (no reply within 10 s)", "")];
+                       none ->
+                           [Label, svg_text(160, Y + 14, "n/a", "")];
+                       _ ->
+                           Len = max(1, round(480 * V / Max)),
+                           [Label,
+                            io_lib:format("<rect x=\"160\" y=\"~b\" width=\"~b\" height=\"16\" "
+                                          "fill=\"~s\"/>~n", [Y + 2, Len, maps:get(C, Colors, "#999")]),
+                            svg_text(166 + Len, Y + 14,
+                                     if V >= 1000 -> fnum(V, 0); true -> fnum(V, 1) end, "")]
+                   end
+               end || {J, {C, V}} <- lists:zip(lists:seq(0, length(Vals) - 1), Vals)]]
+         end || {I, {Title, M, F}} <- lists:zip(lists:seq(0, length(plot_panels()) - 1),
+                                                plot_panels())],
+    unicode:characters_to_binary(
+      [io_lib:format("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"~b\" height=\"~b\" "
+                     "font-family=\"sans-serif\" font-size=\"12\">~n", [W, H]),
+       "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+       svg_text(10, 22, io_lib:format("make bench (~s mode): OTP ~s, ~b CPUs, loopback, ~ts",
+                                      [Mode, Otp, Cpus, Date]), "bold"),
+       Panels,
+       "</svg>\n"]).
+
+plot_value(Results, C, load_ping, p99_us) ->
+    case value(Results, C, load_ping, p99_us) of
+        V when is_number(V) -> V / 1000;
+        Other -> Other
+    end;
+plot_value(Results, C, M, F) ->
+    value(Results, C, M, F).
+
+svg_text(X, Y, Text, Weight) ->
+    Escaped = lists:flatmap(fun($<) -> "&lt;"; ($>) -> "&gt;"; ($&) -> "&amp;"; (Ch) -> [Ch] end,
+                            unicode:characters_to_list(io_lib:format("~ts", [Text]))),
+    W = case Weight of "" -> ""; _ -> " font-weight=\"" ++ Weight ++ "\"" end,
+    io_lib:format("<text x=\"~b\" y=\"~b\"~s>~ts</text>~n", [X, Y, W, Escaped]).
+
 write_results(#{out := Out}, Table, Results, Meta) ->
     ok = filelib:ensure_path(Out),
     Md = filename:join(Out, "latest.md"),
@@ -1086,7 +1262,9 @@ write_results(#{out := Out}, Table, Results, Meta) ->
     Doc = #{meta => Meta,
             carriers => maps:from_list([{C, R} || {C, R} <- Results])},
     ok = file:write_file(Json, [json(Doc), "\n"]),
-    log("wrote ~ts and ~ts", [Md, Json]).
+    Svg = filename:join(Out, "latest.svg"),
+    ok = file:write_file(Svg, render_svg(Results, Meta)),
+    log("wrote ~ts, ~ts and ~ts", [Md, Json, Svg]).
 
 %% Minimal JSON encoder: maps, lists, binaries/strings, numbers, atoms, {ok|error, _}.
 json({ok, V}) -> json(V);

@@ -15,6 +15,8 @@ trap 'exit 130' INT TERM
 mkdir "$WORK/ebin"
 erlc -o "$WORK/ebin" "$ROOT/bench/dist_bench.erl"
 cd "$ROOT"
+# The raw-quinn reference column: the transport alone, built with the carrier's settings.
+cargo build --release --quiet -p trust_dist_net --example raw_quinn
 # The orchestrator is not distributed: the nodes under test are started with peer
 # (connection => standard_io) and halt on their own when this VM goes away.
 # +Bd: Ctrl-C ends the orchestrator at once instead of opening the BREAK menu.

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod link;
+pub mod reference;
 mod tls;
 
 pub use link::{DenialReport, Link, LinkEvents, LinkStats, PeerInfo};
