@@ -217,7 +217,13 @@ controller(Supervisor, Link) ->
             ok = started(trust_dist_nif:set_owners(Link, Input, self()), Link),
             ok = started(trust_dist_nif:start_data(Link, term_to_binary(self()),
                                                    system_processes()), Link),
-            process_flag(priority, normal),
+            %% High, as a port's drain would be: ERTS resumes the senders suspended on a
+            %% busy connection in the order they were suspended, and only when this
+            %% process takes data. At normal priority a bulk sender, resumed first,
+            %% refills the queue before we run again, and a second sender on the same
+            %% connection (a ping) is suspended anew every time, for as long as the bulk
+            %% transfer lasts. Running ahead of normal processes, we drain between them.
+            process_flag(priority, high),
             Supervisor ! {Ref, ok},
             erlang:dist_ctrl_get_data_notification(DHandle),
             output_loop(Node, DHandle, Link, false)

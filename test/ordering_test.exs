@@ -61,6 +61,23 @@ defmodule TrustDist.OrderingTest do
     assert_pairs(load, "b -> a (background)")
   end
 
+  test "a small sender is not starved by a bulk sender on the same link", %{pa: pa, b: b} do
+    assert C.call(pa, :net_adm, :ping, [b]) == :pong
+    # A bulk sender keeps the connection busy, so ERTS suspends every sender on it; the
+    # pinger must still be resumed and get through, again and again.
+    {pings, max_us, mb} =
+      C.call(pa, :trust_dist_order, :ping_under_bulk, [b, 1_048_576, 3_000], 60_000)
+
+    IO.puts(
+      "ping under 1 MiB bulk: #{pings} round trips in 3 s, slowest #{div(max_us, 1000)} ms, bulk #{mb} MB"
+    )
+
+    assert pings >= 5, "only #{pings} round trips in 3 s while bulk data flowed"
+    # Generous for a loaded 2-core machine; a starved pinger waits as long as the bulk lasts.
+    assert max_us < 2_000_000, "a round trip took #{div(max_us, 1000)} ms behind bulk data"
+    assert mb > 0
+  end
+
   test "restricted link (admin over worker): every pair in order, DOWN by name, spawn replies",
        %{pa: pa, pw: pw, w: w} do
     assert C.call(pa, :net_adm, :ping, [w]) == :pong

@@ -12,7 +12,7 @@
 %% remote node are spawned from here. Every wait is bounded.
 -module(trust_dist_order).
 
--export([pairs/3, name_monitor_exits/3, spawn_replies/3]).
+-export([pairs/3, name_monitor_exits/3, spawn_replies/3, ping_under_bulk/3]).
 
 -define(BIG, 256 * 1024).
 -define(MEDIUM, 8 * 1024).
@@ -243,3 +243,49 @@ spawn_collect(Reqs, Children, Deadline, Bad) ->
 deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
 
 left(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).
+
+%% While one process here streams Size-byte binaries to a sink on Remote as fast as the
+%% link takes them, another does round trips to an echo there, for Ms. The senders share
+%% one busy connection: the pinger must get its turn. Returns {Pings, MaxMicros, BulkMB}.
+ping_under_bulk(Remote, Size, Ms) ->
+    Sink = spawn(Remote, fun() -> sink(0) end),
+    Echo = spawn(Remote, fun Echo() -> receive {ping, From} -> From ! pong, Echo(); stop -> ok end end),
+    Bin = binary:copy(<<7>>, Size),
+    Bulk = spawn(fun() -> bulk(Sink, Bin) end),
+    timer:sleep(200),
+    %% The pinger, like the bulk sender, is a fresh process of this one: they share a run
+    %% queue, the case in which a bulk sender resumed first always wins.
+    Self = self(),
+    Deadline = erlang:monotonic_time(millisecond) + Ms,
+    Pinger = spawn(fun() -> Self ! {pinged, self(), pings(Echo, Deadline, 0, 0)} end),
+    {Pings, Max} = receive {pinged, Pinger, R} -> R after Ms + 35000 -> {0, infinity} end,
+    exit(Pinger, kill),
+    exit(Bulk, kill),
+    Sink ! {count, self()},
+    Bytes = receive {count, N} -> N after 30000 -> 0 end,
+    Echo ! stop,
+    Sink ! stop,
+    {Pings, Max, Bytes div 1000000}.
+
+bulk(Sink, Bin) ->
+    Sink ! Bin,
+    bulk(Sink, Bin).
+
+sink(N) ->
+    receive
+        B when is_binary(B) -> sink(N + byte_size(B));
+        {count, From} -> From ! {count, N}, sink(N);
+        stop -> ok
+    end.
+
+%% Round trips until Deadline; one that takes past it still counts (its time is the
+%% measure of the starvation this guards against).
+pings(Echo, Deadline, N, Max) ->
+    case erlang:monotonic_time(millisecond) < Deadline of
+        false -> {N, Max};
+        true ->
+            T = erlang:monotonic_time(microsecond),
+            Echo ! {ping, self()},
+            receive pong -> ok after 30000 -> ok end,
+            pings(Echo, Deadline, N + 1, max(Max, erlang:monotonic_time(microsecond) - T))
+    end.
