@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing trust_dist needs and is missing: Erlang/OTP and
 # Elixir from Debian (OTP 25 and Elixir 1.14 on bookworm), rebar3, debootstrap for the OTP
-# version matrix, ethtool for the fault-injection namespaces, and a Rust toolchain check. Idempotent; needs root (or sudo) only when
-# something is missing.
+# version matrix, ethtool for the fault-injection namespaces, and a Rust toolchain check.
+# Idempotent; needs root (or sudo) only when something is missing.
 set -euo pipefail
 
 need=()
