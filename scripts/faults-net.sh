@@ -10,7 +10,7 @@
 # between wa and wb; it is used even where netem exists, so every run has one code path.
 # The addresses exist only inside these namespaces; nothing of the host is touched.
 #
-#   scripts/faults-net.sh check             root, netns, veth and ethtool usable?
+#   scripts/faults-net.sh check             root? network namespaces and veth usable?
 #   scripts/faults-net.sh up ID             create the namespaces of run ID (an owner pid)
 #   scripts/faults-net.sh wire ID [ARGS]    run trust-dist-wire for ID in the foreground
 #   scripts/faults-net.sh down ID           kill what runs inside and delete them
@@ -18,9 +18,10 @@
 #   scripts/faults-net.sh run [WIRE ARGS] -- CMD [ARGS]
 #       up, the wire in the background (SIGUSR1 partitions, SIGUSR2 heals), CMD with
 #       TD_NS_A TD_NS_B TD_NS_W TD_ADDR_A TD_ADDR_B TD_WIRE_PID in its environment, down.
-#       Example, a 50 ms round trip with 1 % loss each way:
-#       scripts/faults-net.sh run --delay-ms 25 --loss 1 -- \
-#           sh -c 'ip netns exec $TD_NS_A ping -c 5 $TD_ADDR_B'
+#       Example, a 50 ms round trip with 1 % loss each way, a server in one namespace
+#       and a client in the other:
+#       scripts/faults-net.sh run --delay-ms 25 --loss 1 -- sh -c \
+#           'ip netns exec $TD_NS_B ./server & ip netns exec $TD_NS_A ./client $TD_ADDR_B'
 #
 # ID is the pid of the process that owns the run, so `clean` can tell runs that are still
 # going from runs that were killed before they could tidy up.
@@ -38,7 +39,6 @@ ns_names() { echo "tdf${1}a tdf${1}b tdf${1}w"; }
 check() {
   [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, veth and raw sockets); run as root"
   command -v ip >/dev/null || die "ip (iproute2) is missing; run scripts/install-deps.sh"
-  command -v ethtool >/dev/null || die "ethtool is missing; run scripts/install-deps.sh"
   local probe="tdf-probe-$$"
   ip netns add "$probe" 2>/dev/null || die "cannot create a network namespace (ip netns add failed)"
   if ! ip -n "$probe" link add p0 type veth peer name p1 2>/dev/null; then
@@ -61,6 +61,7 @@ no_offloads() {
 
 up() {
   local id=$1 a b w
+  command -v ethtool >/dev/null || die "ethtool is missing; run scripts/install-deps.sh"
   read -r a b w <<<"$(ns_names "$id")"
   for ns in $a $b $w; do
     ip netns add "$ns"
@@ -145,5 +146,5 @@ case "$cmd" in
   clean) clean ;;
   wire) [ $# -ge 1 ] || die "usage: wire ID [WIRE ARGS]"; wire "$@" ;;
   run) run "$@" ;;
-  *) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2 ;;
 esac

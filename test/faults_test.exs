@@ -155,6 +155,7 @@ defmodule TrustDist.FaultsTest do
   @rate 1000
   @size 512
   @seconds 4
+  @bulk 4_000_000
 
   setup_all do
     net = Path.join(C.root(), "scripts/faults-net.sh")
@@ -193,10 +194,12 @@ defmodule TrustDist.FaultsTest do
       Wire.configure(ctx.wire, ctx.settings)
       %{pa: pa, pb: pb} = pair = start_pair(ctx)
       rtt = rtt_ms(pa, pair.nb)
+      {bulk_us, :ok} = C.call(pa, :timer, :tc, [:trust_dist_probe, :transfer, bulk_args(pair)])
       result = traffic(pair, fn -> Process.sleep(@seconds * 1000) end)
       stats = Wire.stats(ctx.wire)
+      bulk = Float.round(@bulk / bulk_us, 2)
 
-      report(ctx.scenario, result, stats, "ping RTT median #{rtt} ms")
+      report(ctx.scenario, result, stats, "ping RTT median #{rtt} ms; bulk A->B #{bulk} MB/s")
       check_pairs(result, 0)
       assert_no_nodedown(pa, pair.nb)
       assert_no_nodedown(pb, pair.na)
@@ -285,7 +288,7 @@ defmodule TrustDist.FaultsTest do
       "partition #{partition_ms} ms",
       result,
       stats,
-      "longest silence on a pair #{max_silence(result)} ms"
+      "no nodedown"
     )
 
     check_pairs(result, 0)
@@ -310,7 +313,10 @@ defmodule TrustDist.FaultsTest do
     pb2 = start_node(ctx.ns_b, pair.node_b)
     on_exit(fn -> C.stop(pb2) end)
     booted = now()
-    assert {:pong, pong} = C.call(pa, :trust_dist_faults, :ping_until, [nb, 20_000], 30_000)
+
+    assert {:pong, pong, pangs} =
+             C.call(pa, :trust_dist_faults, :ping_until, [nb, 20_000], 30_000)
+
     up = await_event(pa, :nodeup, nb, killed, 5000)
     assert up
 
@@ -329,7 +335,8 @@ defmodule TrustDist.FaultsTest do
       stats,
       "nodedown #{down - killed} ms after kill -9; restarted node booted " <>
         "#{booted - killed} ms after the kill; first ping pong #{pong - booted} ms after " <>
-        "boot (nodeup #{up - booted} ms); old pid #{inspect(reason)}"
+        "boot after #{pangs} pang (nodeup #{up - booted} ms; first connection of the fresh pair took " <>
+        "#{pair.connect_ms} ms); old pid #{inspect(reason)}"
     )
 
     assert down - killed <= limit, "nodedown after #{down - killed} ms"
@@ -356,8 +363,9 @@ defmodule TrustDist.FaultsTest do
     {na, nb} = {nodes[a].node, nodes[b].node}
     :ok = C.call(pa, :trust_dist_faults, :watch, [])
     :ok = C.call(pb, :trust_dist_faults, :watch, [])
-    assert {:pong, _} = C.call(pa, :trust_dist_faults, :ping_until, [nb, 15_000], 20_000)
-    %{pa: pa, pb: pb, na: na, nb: nb, node_b: nodes[b]}
+    asked = now()
+    assert {:pong, pong, _} = C.call(pa, :trust_dist_faults, :ping_until, [nb, 15_000], 20_000)
+    %{pa: pa, pb: pb, na: na, nb: nb, node_b: nodes[b], connect_ms: pong - asked}
   end
 
   defp start_node(ns, node, opts \\ []) do
@@ -369,6 +377,9 @@ defmodule TrustDist.FaultsTest do
       ] ++ opts
     )
   end
+
+  # One message of @bulk bytes, hashed on arrival: throughput of a single large transfer.
+  defp bulk_args(pair), do: [pair.nb, @bulk, 60_000]
 
   defp rtt_ms(peer, node) do
     samples =
@@ -433,17 +444,6 @@ defmodule TrustDist.FaultsTest do
     end
   end
 
-  defp max_silence(result) do
-    # Not per message (receivers keep no timeline); the pair whose arrivals spread
-    # furthest beyond the traffic time shows the stall.
-    result.got
-    |> Map.values()
-    |> Enum.map(fn g -> g.last_at - g.first_at end)
-    |> Enum.max()
-    |> Kernel.-(round(result.secs * 1000))
-    |> max(0)
-  end
-
   defp events(peer, node) do
     for {_, kind, ^node, _} <- C.call(peer, :trust_dist_faults, :events, []), do: kind
   end
@@ -478,7 +478,10 @@ defmodule TrustDist.FaultsTest do
       bytes = got |> Enum.map(fn {_, g} -> g.bytes end) |> Enum.sum()
       missing = got |> Enum.map(fn {_, g} -> g.missing end) |> Enum.sum()
       mbs = Float.round(bytes / result.secs / 1_000_000, 2)
-      "#{msgs} msgs (#{round(msgs / result.secs)}/s, #{mbs} MB/s), #{missing} lost at a down"
+      stall = got |> Enum.map(fn {_, g} -> g.max_idle end) |> Enum.max(fn -> 0 end)
+
+      "#{msgs} msgs (#{round(msgs / result.secs)}/s, #{mbs} MB/s), " <>
+        "#{missing} lost at a down, longest stall of a pair #{stall} ms"
     end
 
     wire = fn dir ->

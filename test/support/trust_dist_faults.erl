@@ -4,6 +4,9 @@
 %% two VMs can be compared. Runs on the nodes under test; Erlang, no Elixir needed.
 -module(trust_dist_faults).
 
+%% A sender stops sending after this long even if never told to stop.
+-define(MAX_SENDING_MS, 120000).
+
 -export([start_receivers/1, receiver_reports/2, start_senders/4, stop_senders/2,
          watch/0, events/0, park/0, ping_until/2]).
 
@@ -17,17 +20,21 @@ start_receivers(N) ->
 %% Per pair: next expected sequence number, counters, the gaps seen (so a late arrival
 %% can be told from a duplicate), the last number the sender says it sent.
 -record(pair, {next = 1, got = 0, bytes = 0, gaps = [], missing = 0, dups = 0, late = 0,
-               last_sent, first_at, last_at}).
+               last_sent, first_at, last_at, max_idle = 0}).
 
 receiver(Pairs) ->
     receive
         {seq, Key, Seq, Payload} ->
-            P0 = maps:get(Key, Pairs, #pair{first_at = now_ms()}),
+            Now = now_ms(),
+            P0 = maps:get(Key, Pairs, #pair{first_at = Now, last_at = Now}),
+            %% The longest wait between two arrivals: how long the pair stalled.
+            Idle = max(P0#pair.max_idle, Now - P0#pair.last_at),
             P1 = P0#pair{got = P0#pair.got + 1, bytes = P0#pair.bytes + byte_size(Payload),
-                         last_at = now_ms()},
+                         last_at = Now, max_idle = Idle},
             receiver(Pairs#{Key => arrive(Seq, P1)});
         {done, Key, Last} ->
-            P0 = maps:get(Key, Pairs, #pair{first_at = now_ms()}),
+            Now = now_ms(),
+            P0 = maps:get(Key, Pairs, #pair{first_at = Now, last_at = Now}),
             receiver(Pairs#{Key => P0#pair{last_sent = Last}});
         {report, From, Ref} ->
             From ! {Ref, self(), maps:map(fun(_, P) -> summary(P) end, Pairs)},
@@ -53,7 +60,7 @@ summary(P) ->
     #{got => P#pair.got, bytes => P#pair.bytes, next => P#pair.next,
       gaps => lists:reverse(P#pair.gaps), missing => P#pair.missing, dups => P#pair.dups,
       late => P#pair.late, last_sent => P#pair.last_sent, first_at => P#pair.first_at,
-      last_at => P#pair.last_at}.
+      last_at => P#pair.last_at, max_idle => P#pair.max_idle}.
 
 %% Waits until every receiver knows the last number of Expected pairs (their done
 %% markers arrived) and has everything up to it, or TimeoutMs pass; returns the merged
@@ -90,19 +97,30 @@ start_senders(Receivers, N, PerSecond, Size) ->
     [spawn(fun() ->
                    process_flag(message_queue_data, off_heap),
                    Seqs = maps:from_list([{R, 0} || R <- Receivers]),
-                   sender({node(), I}, Receivers, Seqs, Batch, Payload, now_ms())
+                   Until = now_ms() + ?MAX_SENDING_MS,
+                   sender({node(), I}, Receivers, Seqs, Batch, Payload, now_ms(), Until)
            end)
      || I <- lists:seq(1, N)].
 
-sender(Key, Receivers, Seqs, Batch, Payload, Tick) ->
+sender(Key, Receivers, Seqs, Batch, Payload, Tick, Until) ->
+    %% Past Until (a test that never said stop) the sender only waits, then ends.
+    Wait = case Tick > Until of
+               true -> ?MAX_SENDING_MS;
+               false -> max(0, Tick - now_ms())
+           end,
     receive
         {stop, From, Ref} ->
             [R ! {done, Key, Last} || {R, Last} <- maps:to_list(Seqs)],
             From ! {Ref, self(), Key, Seqs}
-    after max(0, Tick - now_ms()) ->
-            Seqs1 = send_batch(Key, Receivers, Seqs, Batch, Payload),
-            %% Behind schedule (the link pushed back) means no catching up in a burst.
-            sender(Key, Receivers, Seqs1, Batch, Payload, max(Tick + 10, now_ms()))
+    after Wait ->
+            case Tick > Until of
+                true -> ok;
+                false ->
+                    Seqs1 = send_batch(Key, Receivers, Seqs, Batch, Payload),
+                    %% Behind schedule (the link pushed back): no catching up in a burst.
+                    Next = max(Tick + 10, now_ms()),
+                    sender(Key, Receivers, Seqs1, Batch, Payload, Next, Until)
+            end
     end.
 
 send_batch(_Key, _Receivers, Seqs, 0, _Payload) -> Seqs;
@@ -167,18 +185,19 @@ events() ->
 park() ->
     spawn(fun() -> receive stop -> ok end end).
 
-%% Pings Node every 100 ms until pong or TimeoutMs pass; returns {pong, WallMs} or pang.
+%% Pings Node every 100 ms until pong or TimeoutMs pass; returns {pong, WallMs, Pangs}
+%% (the failed attempts before) or pang.
 ping_until(Node, TimeoutMs) ->
     Deadline = now_ms() + TimeoutMs,
-    ping_loop(Node, Deadline).
+    ping_loop(Node, Deadline, 0).
 
-ping_loop(Node, Deadline) ->
+ping_loop(Node, Deadline, Pangs) ->
     case net_adm:ping(Node) of
-        pong -> {pong, now_ms()};
+        pong -> {pong, now_ms(), Pangs};
         pang ->
             case now_ms() > Deadline of
                 true -> pang;
-                false -> timer:sleep(100), ping_loop(Node, Deadline)
+                false -> timer:sleep(100), ping_loop(Node, Deadline, Pangs + 1)
             end
     end.
 

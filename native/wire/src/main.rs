@@ -10,7 +10,8 @@
 //!
 //! Control (one command a line on standard input, one answer line on standard output):
 //! `set ab|ba|both key=value...` (loss, delay_ms, jitter_ms, reorder, reorder_ms),
-//! `partition [ab|ba|both]`, `heal [ab|ba|both]`, `stats`, `reset`, `quit`. The wire
+//! `partition [ab|ba|both]`, `heal [ab|ba|both]`, `stats`, `reset`, `trace on|off` (one
+//! line per frame on standard error), `quit`. The wire
 //! stops when standard input closes, so it never outlives the test that started it.
 //! With `--control signals` standard input is ignored: SIGUSR1 partitions, SIGUSR2
 //! heals, SIGTERM/SIGINT stop. Counters go to standard error on exit.
@@ -74,6 +75,8 @@ struct Args {
 static STOP: AtomicBool = AtomicBool::new(false);
 static PARTITION: AtomicBool = AtomicBool::new(false);
 static HEAL: AtomicBool = AtomicBool::new(false);
+/// `trace on`: one line per frame on standard error, for finding out what crossed when.
+static TRACE: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(sig: libc::c_int) {
     // Only atomic stores here: that is all a signal handler may safely do.
@@ -200,7 +203,17 @@ fn run(
             }
             for _ in 0..BATCH {
                 match socks[i].recv(&mut buf)? {
-                    Recv::Frame(n) => link.arrive(i, buf[..n].to_vec(), Instant::now()),
+                    Recv::Frame(n) => {
+                        if TRACE.load(Ordering::Relaxed) {
+                            eprintln!(
+                                "{:.3} {} {}",
+                                started.elapsed().as_secs_f64(),
+                                ["ab", "ba"][i],
+                                describe(&buf[..n])
+                            );
+                        }
+                        link.arrive(i, buf[..n].to_vec(), Instant::now())
+                    }
                     Recv::Skip => continue,
                     Recv::Empty => break,
                 }
@@ -261,6 +274,10 @@ fn command(link: &mut Link, socks: &[PacketSocket; 2], text: &str) -> io::Result
             collect_kernel_drops(socks, link);
             Ok(Some(link.report()))
         }
+        "trace" => {
+            TRACE.store(dir != "off", Ordering::SeqCst);
+            Ok(Some(String::new()))
+        }
         "reset" => {
             collect_kernel_drops(socks, link);
             for d in &mut link.dirs {
@@ -289,9 +306,56 @@ fn command(link: &mut Link, socks: &[PacketSocket; 2], text: &str) -> io::Result
             )))
         }
         _ => Err(bad(format!(
-            "unknown command {verb:?}; known: set partition heal stats reset quit"
+            "unknown command {verb:?}; known: set partition heal stats reset trace quit"
         ))),
     }
+}
+
+/// A frame in one line: ARP, or the IPv4/IPv6 addresses and UDP/TCP ports, and for UDP
+/// whether it carries a QUIC long header (handshake) or short header packet.
+fn describe(frame: &[u8]) -> String {
+    let ethertype = match frame.get(12..14) {
+        Some(t) => u16::from_be_bytes([t[0], t[1]]),
+        None => return format!("runt len={}", frame.len()),
+    };
+    let ip = &frame[14..];
+    let (proto, src, dst, l4) = match ethertype {
+        0x0806 => return format!("arp len={}", frame.len()),
+        0x0800 if ip.len() >= 20 => {
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let a = |o: usize| format!("{}.{}.{}.{}", ip[o], ip[o + 1], ip[o + 2], ip[o + 3]);
+            (ip[9], a(12), a(16), ip.get(ihl..).unwrap_or_default())
+        }
+        0x86dd if ip.len() >= 40 => {
+            let a = |o: usize| {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(&ip[o..o + 16]);
+                std::net::Ipv6Addr::from(b).to_string()
+            };
+            (ip[6], a(8), a(24), &ip[40..])
+        }
+        other => return format!("ethertype {other:#06x} len={}", frame.len()),
+    };
+    let port = |o: usize| {
+        l4.get(o..o + 2)
+            .map_or(0, |p| u16::from_be_bytes([p[0], p[1]]))
+    };
+    let kind = match proto {
+        17 => match l4.get(8) {
+            Some(b) if b & 0x80 != 0 => "udp quic-long",
+            Some(_) => "udp quic-short",
+            None => "udp",
+        },
+        6 => "tcp",
+        1 | 58 => "icmp",
+        _ => "ip",
+    };
+    format!(
+        "{src}:{} > {dst}:{} {kind} len={}",
+        port(0),
+        port(2),
+        frame.len()
+    )
 }
 
 fn set_partition(link: &mut Link, dir: &str, on: bool) -> io::Result<()> {
