@@ -146,7 +146,7 @@ defmodule TrustDist.FaultsTest do
   @moduletag :tmp_dir
   @moduletag timeout: 180_000
 
-  @ticktime 4
+  @ticktime 5
   @addr_a "10.77.0.1"
   @addr_b "10.77.0.2"
   # Traffic: 4 senders on A round robin over 3 receivers on B (12 pairs) and 2 senders on
@@ -156,6 +156,9 @@ defmodule TrustDist.FaultsTest do
   @size 512
   @seconds 4
   @bulk 4_000_000
+  # Reconnection after a heal or a restart: within one handshake retry interval in
+  # practice (see the operations guide); this bound only catches a carrier that stalls.
+  @reconnect_limit 10_000
 
   setup_all do
     net = Path.join(C.root(), "scripts/faults-net.sh")
@@ -203,6 +206,8 @@ defmodule TrustDist.FaultsTest do
       check_pairs(result, 0)
       assert_no_nodedown(pa, pair.nb)
       assert_no_nodedown(pb, pair.na)
+
+      if ctx.settings =~ "delay_ms=25", do: assert(rtt >= 50, "RTT #{rtt} ms")
 
       if ctx.proof do
         assert stats["ab.#{ctx.proof}"] + stats["ba.#{ctx.proof}"] > 0,
@@ -260,6 +265,8 @@ defmodule TrustDist.FaultsTest do
     assert d.nodedown_a_ms <= limit and d.nodedown_b_ms <= limit,
            "nodedown later than net_ticktime #{@ticktime} s allows: #{inspect(d)}"
 
+    assert d.reconnect_a_ms <= @reconnect_limit and d.reconnect_b_ms <= @reconnect_limit
+
     # One down, so at most one gap per pair, and never a duplicate or a reorder.
     check_pairs(result, 1)
     # The first nodeup is the connection made when the nodes started.
@@ -301,7 +308,7 @@ defmodule TrustDist.FaultsTest do
 
   test "kill -9 of a peer: nodedown, restart, reconnect, old pids dead", ctx do
     Wire.configure(ctx.wire, "delay_ms=5")
-    %{pa: pa, pb: pb, na: na, nb: nb} = pair = start_pair(ctx, link_b: false)
+    %{pa: pa, pb: pb, nb: nb} = pair = start_pair(ctx, link_b: false)
     old_pid = C.call(pa, :trust_dist_probe, :remote_pid, [nb, :park])
 
     killed = now()
@@ -314,6 +321,10 @@ defmodule TrustDist.FaultsTest do
     on_exit(fn -> C.stop(pb2) end)
     booted = now()
 
+    # OTP's global on A tried B again the moment it went down; over UDP that attempt is
+    # not refused (QUIC ignores ICMP port unreachable) but retries its handshake with
+    # growing intervals, and this ping joins it: it completes at the first retry that
+    # finds B running again.
     assert {:pong, pong, pangs} =
              C.call(pa, :trust_dist_faults, :ping_until, [nb, 20_000], 30_000)
 
@@ -333,15 +344,15 @@ defmodule TrustDist.FaultsTest do
       "kill -9 and restart",
       result,
       stats,
-      "nodedown #{down - killed} ms after kill -9; restarted node booted " <>
-        "#{booted - killed} ms after the kill; first ping pong #{pong - booted} ms after " <>
-        "boot after #{pangs} pang (nodeup #{up - booted} ms; first connection of the fresh pair took " <>
-        "#{pair.connect_ms} ms); old pid #{inspect(reason)}"
+      "nodedown #{down - killed} ms after kill -9; restarted node up " <>
+        "#{booted - killed} ms after the kill; reconnected (pong) #{pong - booted} ms " <>
+        "after that, #{pangs} pang before, nodeup at #{up - booted} ms (a fresh pair's " <>
+        "first connection: #{pair.connect_ms} ms); old pid #{inspect(reason)}"
     )
 
     assert down - killed <= limit, "nodedown after #{down - killed} ms"
+    assert pong - booted <= @reconnect_limit
     check_pairs(result, 0)
-    _ = na
   end
 
   # -- helpers --------------------------------------------------------------------------
