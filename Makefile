@@ -7,7 +7,7 @@ export MIX_HOME ?= $(CURDIR)/_build/mix_home
 export HEX_OFFLINE := 1
 
 .PHONY: all deps build test test-rust test-elixir test-matrix matrix-chroots demo bench \
-        fmt lint clean fuzz releases
+        fmt lint clean fuzz releases faults faults-check
 
 all: build
 
@@ -48,6 +48,17 @@ releases: deps
 bench: build
 	bench/run.sh $(BENCH_ARGS)
 	@if [ -z "$(BENCH_ARGS)" ]; then cp bench/results/latest.svg docs/bench.svg && echo "plot: docs/bench.svg"; fi
+
+# Fault injection (needs root): two nodes in network namespaces joined by trust-dist-wire
+# (loss, 50 ms RTT, reordering, partitions; the kernel has no netem), kill -9 and restart.
+# FAULTS_SEED=N replays the wire's random choices.
+faults: faults-check build
+	cargo build --release --quiet -p trust_dist_wire
+	MIX_ENV=test mix test --only faults test/faults_test.exs
+
+# Before building: root, network namespaces and veth, or a clear message.
+faults-check:
+	@scripts/faults-net.sh check
 
 # cargo-fuzz targets of native/proto (needs cargo-fuzz; nightly or RUSTC_BOOTSTRAP=1).
 FUZZ_SECONDS ?= 60

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing trust_dist needs and is missing: Erlang/OTP and
 # Elixir from Debian (OTP 25 and Elixir 1.14 on bookworm), rebar3, debootstrap for the OTP
-# version matrix, and a Rust toolchain check. Idempotent; needs root (or sudo) only when
-# something is missing.
+# version matrix, ethtool for the fault-injection namespaces, and a Rust toolchain check.
+# Idempotent; needs root (or sudo) only when something is missing.
 set -euo pipefail
 
 need=()
@@ -14,6 +14,7 @@ command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 command -v epmd >/dev/null 2>&1 || need+=(erlang-base)
 command -v rebar3 >/dev/null 2>&1 || need+=(rebar3)   # make releases (works offline)
+command -v ethtool >/dev/null 2>&1 || need+=(ethtool) # make faults: veth offloads off
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: installing ${need[*]}"

@@ -19,11 +19,13 @@ defmodule TrustDist.TestCluster do
   def unique(name), do: "#{name}#{System.unique_integer([:positive])}"
 
   @doc """
-  Writes a deployment for `nodes` (`[{name, tier}]`, host 127.0.0.1) into `dir` and returns
-  a map of name => %{node:, dir:, args:}.
+  Writes a deployment for `nodes` (`[{name, tier}]`, host 127.0.0.1 or `opts[:host]`; an
+  entry `{name, tier, host}` names its own host) into `dir` and returns a map of
+  name => %{node:, dir:, args:}.
   """
   def dev_cluster(dir, nodes, opts \\ []) do
-    specs = Enum.map(nodes, fn {name, tier} -> "#{name}@#{host(opts)}:#{tier}" end)
+    nodes = Enum.map(nodes, &with_host(&1, opts))
+    specs = Enum.map(nodes, fn {name, tier, host} -> "#{name}@#{host}:#{tier}" end)
     tiers = Keyword.get(opts, :tiers)
     extra = if tiers, do: ["--tiers", Enum.join(tiers, ",")], else: []
 
@@ -34,13 +36,14 @@ defmodule TrustDist.TestCluster do
 
     _ = out
 
-    Map.new(nodes, fn {name, _tier} ->
+    Map.new(nodes, fn {name, _tier, host} ->
       node_dir = Path.join(dir, to_string(name))
-      {name, %{node: :"#{name}@#{host(opts)}", dir: node_dir, args: vm_args(node_dir)}}
+      {name, %{node: :"#{name}@#{host}", dir: node_dir, args: vm_args(node_dir)}}
     end)
   end
 
-  defp host(opts), do: Keyword.get(opts, :host, "127.0.0.1")
+  defp with_host({name, tier}, opts), do: {name, tier, Keyword.get(opts, :host, "127.0.0.1")}
+  defp with_host({_name, _tier, _host} = node, _opts), do: node
 
   @doc "The arguments of a node's vm.args, without its -name (peer sets the name)."
   def vm_args(node_dir) do
