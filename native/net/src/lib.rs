@@ -535,6 +535,12 @@ fn transport_config(settings: &Settings, role: Role) -> quinn::TransportConfig {
     }));
     t.send_window(32 * 1024 * 1024);
     t.datagram_receive_buffer_size(None);
+    // The RTT assumed before the first sample sets how often an unanswered handshake is
+    // retried (about three times it, doubling). QUIC's 333 ms default means a node that
+    // dials a peer while it is down (as `global` does at nodedown) reaches it only about
+    // 2 s after it is back; at 100 ms that is a few hundred ms, and a slower path costs
+    // at most a spurious retransmission of the first packets.
+    t.initial_rtt(Duration::from_millis(100));
     // Probe for path MTUs above Ethernet's: loopback and jumbo-frame LANs carry far
     // larger datagrams (fewer packets to encrypt and acknowledge per byte); on other paths
     // the probes are simply lost and the connection stays at the common 1452.
