@@ -65,8 +65,9 @@ defmodule TrustDist.RedTeamTest do
   @reports_per_second 10
 
   # {case, group, options}. Options: deliver: [entries `results` must record (and may)],
-  # drain: messages `drain` must count, min_release: run only from that OTP release on,
-  # settle: ms to wait for the case's packets to be judged.
+  # drain: messages `drain` must count, held: monitors the attacker must then hold on the
+  # exposed names, min_release: run only from that OTP release on, settle: ms to wait for
+  # the case's packets to be judged.
   @cases [
     # Positive controls: these reach the exposed name, so the checks below can see a
     # delivery. The `_tt` one must arrive without its trace token.
@@ -236,7 +237,9 @@ defmodule TrustDist.RedTeamTest do
     {:disconnect_witness_via_global, :threats, []},
     # Floods.
     {:flood_spawn_requests, :flood, settle: 20_000},
-    {:flood_monitors, :flood, settle: 20_000},
+    # The first max_monitors are real monitors (a GenServer.call needs one); the rest are
+    # answered noproc.
+    {:flood_monitors, :flood, held: @max_monitors, settle: 20_000},
     {:flood_links, :flood, settle: 20_000},
     {:flood_messages_exposed, :flood, drain: 20_000, settle: 30_000},
     {:flood_denials_log, :flood, settle: 20_000},
@@ -632,6 +635,32 @@ defmodule TrustDist.RedTeamTest do
         do: ["#{after_.processes - before.processes} more processes"],
         else: []
 
+    # Monitors the attacker holds: on the names exposed to it, at most max_monitors in
+    # all; on anything else, none that were not there before.
+    exposed = [:results, :events, :drain]
+    {held, others} = Enum.split_with(after_.monitors_from_attacker, &(elem(&1, 0) in exposed))
+    held = held |> Enum.map(&elem(&1, 1)) |> Enum.sum()
+
+    others_before =
+      Enum.reject(before.monitors_from_attacker, &(elem(&1, 0) in exposed)) |> Map.new()
+
+    monitors =
+      for(
+        {name, n} <- others,
+        n > Map.get(others_before, name, 0),
+        do: "the attacker monitors #{name} (#{n})"
+      ) ++
+        cond do
+          held > @max_monitors ->
+            ["the attacker holds #{held} monitors (max_monitors #{@max_monitors})"]
+
+          opts[:held] && held != opts[:held] ->
+            ["the attacker holds #{held} monitors, not #{opts[:held]}"]
+
+          true ->
+            []
+        end
+
     connected =
       case after_.connected -- before.connected do
         [] -> []
@@ -639,7 +668,9 @@ defmodule TrustDist.RedTeamTest do
       end
 
     changed ++
-      atoms ++ memory ++ processes ++ connected ++ results_problems(before, after_, opts, tag)
+      atoms ++
+      memory ++
+      processes ++ monitors ++ connected ++ results_problems(before, after_, opts, tag)
   end
 
   # `results` may get the syncs and, in a control case, exactly what the case delivers.

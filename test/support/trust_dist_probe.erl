@@ -908,6 +908,7 @@ redteam_snapshot(Attacker, Witness) ->
       registered => lists:sort(registered()),
       group_leaders => [{N, element(2, process_info(P, group_leader))} || {N, P} <- Procs, is_pid(P)],
       links_from_attacker => FromAttacker(links),
+      monitors_from_attacker => FromAttacker(monitored_by),
       results_status => results_healthy(),
       results_seen => results_seen(),
       victim_seen => victim_seen(),
