@@ -15,6 +15,7 @@
 %% forms such a link must never carry (131,68 / 131,69 / 131,70), truncated and invalid
 %% external terms, and floods.
 %%
+%% The table of cases (names, groups, what each may deliver) is test/redteam_test.exs;
 %% `attack(Case, Ctx)' runs one case. Ctx (a map built by the test) names the victim and
 %% what the test knows of it: pids of its system processes and canaries, an alias of one
 %% of its processes, the witness node and a pid there, and the marker path that any code
@@ -438,7 +439,7 @@ packets(op38_and_up_unknown, Me, _Ctx) ->
 %% ---- THREATS.md classes through the allowlisted name and system names -------------------
 packets(system_replace_state_results, Me, Ctx) ->
     [pkt({6, Me, '', results},
-         {system, {Me, make_ref()}, {replace_state, {'$raw', body(fun os:cmd/1)}}}),
+         {system, {Me, make_ref()}, {replace_state, fun os:cmd/1}}),
      pkt({6, Me, '', results},
          {system, {Me, make_ref()}, {replace_state, {trust_dist_probe, touch, [maps:get(marker, Ctx)]}}})];
 packets(system_suspend_results, Me, _Ctx) ->
