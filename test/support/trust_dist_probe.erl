@@ -927,7 +927,10 @@ redteam_snapshot(Attacker, Witness) ->
       %% closed by the VM's decoder, which means a packet got past the filter.
       filter_closes => length([L || L <- logs(), is_binary(L),
                                     binary:match(L, <<"closed: refused ">>) =/= nomatch]),
-      attacker_connection => connection_id(Attacker)}.
+      attacker_connection => connection_id(Attacker),
+      %% What the filter refused on the attacker's current link so far.
+      attacker_refused => lists:sum([maps:get(denied, L, 0) || L <- trust_dist:links(),
+                                                              maps:get(node, L) =:= Attacker])}.
 
 %% On the victim, after a case: waits until `results' has {sync, Tag} (every packet of
 %% the case was judged and the link is still up: `synced') or the connection to the
