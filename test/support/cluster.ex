@@ -133,9 +133,10 @@ defmodule TrustDist.TestCluster do
   end
 
   @doc """
-  The code path for nodes of OTP `release`: erl_src and the test probe compiled by that
-  release's own erlc into _build/otpNN/lib/trust_dist/ebin (priv is the project's, so the
-  NIF is the same library). The host release uses the Mix build.
+  The code path for nodes of OTP `release`: erl_src and the Erlang test support (probe,
+  attacker) compiled by that release's own erlc into _build/otpNN/lib/trust_dist/ebin
+  (priv is the project's, so the NIF is the same library). The host release uses the Mix
+  build.
   """
   def release_ebin(@host_release), do: ebin()
 
@@ -149,7 +150,10 @@ defmodule TrustDist.TestCluster do
 
     sources =
       Path.wildcard(Path.join(@root, "erl_src/*.erl")) ++
-        [Path.join(@root, "test/support/trust_dist_probe.erl")]
+        Enum.map(
+          ~w(trust_dist_probe trust_dist_attacker),
+          &Path.join(@root, "test/support/#{&1}.erl")
+        )
 
     {out, status} =
       System.cmd(@chroot_script, ["erlc", release, "-o", ebin | sources], stderr_to_stdout: true)

@@ -22,6 +22,10 @@
          global_attack/2, atom_flood/4, big_message/3, monitor_flood/3, release/1,
          inject_reg_send/4, remote_io/2, remote_kill/1, global_register/1, global_lookup/1,
          monitor_alive/2, start_slow/2, slow_last_from/1, forge_reply/2]).
+%% The red team (test/redteam_test.exs): the victim's canaries and what the test compares
+%% before and after each case. The attacker's side is trust_dist_attacker.
+-export([redteam_fixtures/0, redteam_snapshot/2, redteam_settle/4, alias_canary_seen/0, atoms_since/2,
+         drain_count/0, handle_event/2, handle_call/2]).
 
 %% A registered process that answers {From, Msg} with {echo, Msg}.
 start_echo(Name) ->
@@ -113,7 +117,9 @@ init([]) -> {ok, #{}};
 %% `results': records every call and message it gets, in order.
 init(results) ->
     process_flag(trap_exit, true),
-    {ok, {results, []}}.
+    {ok, {results, []}};
+%% As a gen_event handler of the red team's `events' manager: records every event.
+init(event_canary) -> {ok, {event_canary, []}}.
 
 handle_call(get, _From, {results, Seen} = State) ->
     {reply, lists:reverse(Seen), State};
@@ -121,7 +127,20 @@ handle_call({record, X}, _From, {results, Seen}) ->
     {reply, {recorded, node(), X}, {results, [{call, X} | Seen]}};
 handle_call(Request, _From, State) -> {reply, {pong, node(), Request}, State}.
 handle_cast(_Msg, State) -> {noreply, State}.
-handle_info(Msg, {results, Seen}) -> {noreply, {results, [{info, Msg} | Seen]}};
+
+%% gen_event handler callbacks (the `events' canary).
+handle_event(Event, {event_canary, Seen}) -> {ok, {event_canary, [{event, Event} | Seen]}}.
+handle_call(get, {event_canary, Seen} = State) -> {ok, lists:reverse(Seen), State};
+handle_call(_Query, State) -> {ok, unknown, State}.
+handle_info(Msg, {results, Seen}) ->
+    %% A sequential-trace token adopted with a message would show here: a lower tier's
+    %% token must be stripped before delivery.
+    Token = case seq_trace:get_token() of
+                [] -> [];
+                T -> [{token, T}]
+            end,
+    {noreply, {results, Token ++ [{info, Msg} | Seen]}};
+handle_info(Msg, {event_canary, Seen}) -> {ok, {event_canary, [{info, Msg} | Seen]}};
 handle_info(_Msg, State) -> {noreply, State}.
 
 server_call(Name, Node, Request) ->
@@ -791,3 +810,153 @@ telemetry_sink(Events) ->
 telemetry_events() ->
     trust_dist_probe_telemetry ! {get, self()},
     receive {events, Events} -> Events after 5000 -> timeout end.
+
+%%% The red team: the victim's side (test/redteam_test.exs)
+
+%% On the victim: the directional-trust fixtures plus the red team's canaries, all of
+%% which record whatever reaches them:
+%% - `events', a gen_event manager with one recording handler (exposed to the worker
+%%   tier: its handlers must not change and it must not stop);
+%% - `drain', exposed, counts and discards (the target of the message flood);
+%% - `alias_canary', not exposed, holds an active alias (the "guessed alias" target);
+%% - `pong', exposed to the witness tier, answers calls (responsiveness on another link).
+%% Returns what the attacker is told (it could guess all of it).
+redteam_fixtures() ->
+    ok = trust_fixtures(),
+    %% Every atom the attacker's cases name (its module's literals) then exists here, so
+    %% a case is judged by the rule it aims at, not only by "no new atoms". The atoms it
+    %% makes at run time (fresh_atom/0) stay unknown here.
+    {module, _} = code:ensure_loaded(trust_dist_attacker),
+    %% proc_lib names the arguments of a process's initial call 'Argument__N' (atoms made
+    %% on first use) when one of its processes ends by an exception (proc_lib:exit_p/3);
+    %% the VM's own processes do so now and then, whatever the attacker sends.
+    _ = [list_to_atom("Argument__" ++ integer_to_list(N)) || N <- lists:seq(1, 9)],
+    %% All code of the running applications loaded, as in an embedded-mode release:
+    %% loading a module on first use (timer, sets, ...) adds its literal atoms, which would
+    %% blur "the attacker grew the atom table".
+    _ = [code:ensure_loaded(M) || {App, _, _} <- application:which_applications(),
+                                  {ok, Ms} <- [application:get_key(App, modules)], M <- Ms],
+    case whereis(events) of
+        undefined ->
+            {ok, Ev} = gen_event:start({local, events}),
+            ok = gen_event:add_handler(Ev, ?MODULE, event_canary);
+        _ -> ok
+    end,
+    ensure_registered(drain, fun() -> drain_loop(0) end),
+    ensure_registered(alias_canary, fun() -> alias_canary_loop(alias(), []) end),
+    case whereis(pong) of
+        undefined -> start_server(pong);
+        _ -> ok
+    end,
+    alias_canary ! {get_alias, self()},
+    Alias = receive {alias_canary_alias, A} -> A after 2000 -> error(no_alias) end,
+    System = [init, code_server, application_controller, rex, global_name_server, net_kernel,
+              logger, user, file_server_2, kernel_sup, erl_prim_loader, inet_db, auth,
+              global_group, standard_error],
+    #{victim_pid => whereis(victim), results => whereis(results),
+      results_parent => whereis(results_parent), alias => Alias,
+      system => maps:from_list([{N, whereis(N)} || N <- System, is_pid(whereis(N))])}.
+
+ensure_registered(Name, Loop) ->
+    case whereis(Name) of
+        undefined ->
+            Self = self(),
+            spawn(fun() -> register(Name, self()), Self ! {up, Name}, Loop() end),
+            receive {up, Name} -> ok after 5000 -> error({not_started, Name}) end;
+        _ -> ok
+    end.
+
+drain_loop(N) ->
+    receive
+        {'$drain_count', From} -> From ! {drain_count, N}, drain_loop(N);
+        _ -> drain_loop(N + 1)
+    end.
+
+drain_count() ->
+    drain ! {'$drain_count', self()},
+    receive {drain_count, N} -> N after 5000 -> timeout end.
+
+alias_canary_loop(Alias, Seen) ->
+    receive
+        {get_alias, From} -> From ! {alias_canary_alias, Alias}, alias_canary_loop(Alias, Seen);
+        {'$alias_seen', From} -> From ! {alias_seen, lists:reverse(Seen)}, alias_canary_loop(Alias, Seen);
+        Msg -> alias_canary_loop(Alias, [Msg | Seen])
+    end.
+
+alias_canary_seen() ->
+    alias_canary ! {'$alias_seen', self()},
+    receive {alias_seen, Seen} -> Seen after 2000 -> timeout end.
+
+%% On the victim: everything a case could have changed. Compared by the test before and
+%% after each case; `memory' and `atoms' are compared with their own rules.
+redteam_snapshot(Attacker, Witness) ->
+    Watched = [init, code_server, application_controller, rex, global_name_server,
+               logger, user, file_server_2, kernel_sup, erl_prim_loader, inet_db, auth,
+               global_group, standard_error, results, results_parent, victim, events,
+               drain, alias_canary, pong],
+    Procs = [{N, whereis(N)} || N <- Watched],
+    FromAttacker = fun(Item) ->
+                           lists:sort([{N, length([P || P <- Ps, is_pid(P), node(P) =:= Attacker])}
+                                       || {N, Pid} <- Procs, is_pid(Pid),
+                                          {_, Ps} <- [process_info(Pid, Item)]])
+                   end,
+    #{atoms => erlang:system_info(atom_count),
+      memory => erlang:memory(total),
+      processes => erlang:system_info(process_count),
+      init_status => init:get_status(),
+      whereis => Procs,
+      registered => lists:sort(registered()),
+      group_leaders => [{N, element(2, process_info(P, group_leader))} || {N, P} <- Procs, is_pid(P)],
+      links_from_attacker => FromAttacker(links),
+      monitors_from_attacker => FromAttacker(monitored_by),
+      results_status => results_healthy(),
+      results_seen => results_seen(),
+      victim_seen => victim_seen(),
+      alias_seen => alias_canary_seen(),
+      events_handlers => catch gen_event:which_handlers(events),
+      events_seen => catch gen_event:call(events, ?MODULE, get, 2000),
+      code_path => code:get_path(),
+      cookie => erlang:get_cookie(),
+      apps => lists:sort([A || {A, _, _} <- application:which_applications()]),
+      global_names => lists:sort(global:registered_names()),
+      logger_level => maps:get(level, logger:get_primary_config()),
+      logger_handlers => lists:sort(logger:get_handler_ids()),
+      connected => lists:sort(nodes(connected)),
+      witness_connection => connection_id(Witness),
+      %% Links the filter closed (its own log line): a link that closes without one was
+      %% closed by the VM's decoder, which means a packet got past the filter.
+      filter_closes => length([L || L <- logs(), is_binary(L),
+                                    binary:match(L, <<"closed: refused ">>) =/= nomatch]),
+      attacker_connection => connection_id(Attacker),
+      %% What the filter refused on the attacker's current link so far.
+      attacker_refused => lists:sum([maps:get(denied, L, 0) || L <- trust_dist:links(),
+                                                              maps:get(node, L) =:= Attacker])}.
+
+%% On the victim, after a case: waits until `results' has {sync, Tag} (every packet of
+%% the case was judged and the link is still up: `synced') or the connection to the
+%% attacker is gone or replaced (`closed'), at most Ms (`timeout').
+redteam_settle(Tag, Attacker, Connection, Ms) ->
+    redteam_settle(Tag, Attacker, Connection, erlang:monotonic_time(millisecond) + Ms, 0).
+
+redteam_settle(Tag, Attacker, Connection, Deadline, N) ->
+    Synced = case results_seen() of
+                 Seen when is_list(Seen) -> lists:member({info, {sync, Tag}}, Seen);
+                 _ -> false
+             end,
+    Gone = Connection =/= none andalso connection_id(Attacker) =/= Connection,
+    Now = erlang:monotonic_time(millisecond),
+    if
+        Synced -> synced;
+        Gone -> closed;
+        Now > Deadline -> timeout;
+        true ->
+            timer:sleep(min(5 * (N + 1), 50)),
+            redteam_settle(Tag, Attacker, Connection, Deadline, N + 1)
+    end.
+
+%% The atoms created on this node since the atom table held Count (at most Max of them),
+%% to name them when a case grew the table. Reads the table by index through the
+%% emulator's internal atom reference form.
+atoms_since(Count, Max) ->
+    Now = erlang:system_info(atom_count),
+    [binary_to_term(<<131, 75, I:24>>) || I <- lists:seq(Count, min(Now, Count + Max) - 1)].

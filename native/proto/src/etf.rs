@@ -336,12 +336,26 @@ fn head<'a>(input: &mut Input<'a>) -> Result<Head<'a>, EtfError> {
     match t {
         tag::SMALL_INTEGER => leaf(Term::Int(i64::from(input.u8()?))),
         tag::INTEGER => leaf(Term::Int(i64::from(input.u32()? as i32))),
+        // The VM refuses a float that is not finite when it decodes (and then drops the
+        // connection itself): refuse it here, so it never reaches the VM's decoder.
         tag::NEW_FLOAT => {
-            input.take(8)?;
+            let bytes: [u8; 8] = input.take(8)?.try_into().map_err(|_| EtfError::Truncated)?;
+            if !f64::from_be_bytes(bytes).is_finite() {
+                return Err(EtfError::Malformed("float (not finite)"));
+            }
             leaf(Term::Float)
         }
+        // The old text form ("%.20e", NUL padded): only a finite number in that form.
         tag::FLOAT => {
-            input.take(31)?;
+            let text = input.take(31)?;
+            let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+            let finite = std::str::from_utf8(&text[..end])
+                .ok()
+                .and_then(|t| t.trim().parse::<f64>().ok())
+                .is_some_and(f64::is_finite);
+            if !finite {
+                return Err(EtfError::Malformed("float (text form)"));
+            }
             leaf(Term::Float)
         }
         tag::SMALL_BIG | tag::LARGE_BIG => {
@@ -940,6 +954,44 @@ mod tests {
             skip(&[tag::SMALL_ATOM_UTF8, 1, 0xff]),
             Err(EtfError::BadAtom(_))
         ));
+    }
+
+    #[test]
+    fn floats_the_vm_would_refuse_are_refused_here() {
+        // Found by the red team (test/redteam_test.exs, etf_float_nan): a NaN in a
+        // payload went through to the VM, whose decoder then dropped the connection.
+        let new_float = |x: f64| {
+            let mut t = vec![tag::NEW_FLOAT];
+            t.extend_from_slice(&x.to_be_bytes());
+            t
+        };
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert_eq!(
+                skip(&new_float(bad)),
+                Err(EtfError::Malformed("float (not finite)"))
+            );
+        }
+        let mut nan = vec![tag::NEW_FLOAT];
+        nan.extend_from_slice(&0x7FF8_0000_0000_0001u64.to_be_bytes());
+        assert!(skip(&nan).is_err());
+        for good in [0.0, -0.0, 1.5e300, f64::MIN_POSITIVE / 2.0] {
+            assert_eq!(skip(&new_float(good)), Ok(9));
+        }
+        let float_text = |text: &str| {
+            let mut t = vec![tag::FLOAT];
+            let mut body = text.as_bytes().to_vec();
+            body.resize(31, 0);
+            t.extend(body);
+            t
+        };
+        assert_eq!(skip(&float_text("1.50000000000000000000e+00")), Ok(32));
+        for bad in ["inf", "nan", "1e999", "", "x"] {
+            assert_eq!(
+                skip(&float_text(bad)),
+                Err(EtfError::Malformed("float (text form)")),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -1359,6 +1359,19 @@ const ADMIN_CALLS: &[&str] = &[
     "which_handlers",
 ];
 
+/// The commands a gen_event manager takes as administration (name, arity of the command
+/// tuple; 0 for a bare atom).
+const GEN_EVENT_ADMIN: &[(&str, u32)] = &[
+    ("stop", 0),
+    ("which_handlers", 0),
+    ("get_modules", 0),
+    ("add_handler", 3),
+    ("add_sup_handler", 4),
+    ("delete_handler", 3),
+    ("swap_handler", 5),
+    ("swap_sup_handler", 6),
+];
+
 impl Shape {
     fn of(payload: Option<&[u8]>) -> Shape {
         let Some(Ok(term)) = payload.map(Term::peek) else {
@@ -1370,7 +1383,14 @@ impl Shape {
         let Ok(first) = tuple.get(0) else {
             return Shape::Plain;
         };
-        let Some(tag) = first.as_atom() else {
+        let tag = first.as_atom();
+        let signal = tag.is_some_and(|t| t.is("system") || t.is("EXIT"));
+        if tuple.len() == 3 && !signal {
+            if let Some(shape) = Shape::gen_event(&tuple) {
+                return shape;
+            }
+        }
+        let Some(tag) = tag else {
             return Shape::Plain;
         };
         // Every tag below is ASCII: compare bytes (a Latin-1 or UTF-8 spelling of an
@@ -1402,6 +1422,33 @@ impl Shape {
                 }
                 _ => Shape::Plain,
             },
+        }
+    }
+
+    /// gen_event's own protocol, `{Any, ReplyTag, Command}` with no `'$gen_call'` (its
+    /// manager matches only the command, whatever the first element): the manager's
+    /// administration (`stop`, handlers added, removed or swapped, listed) is refused to a
+    /// lower tier, and a call or sync notify must name its sender as the reply-to, since
+    /// the manager replies there (and crashes on a reply tag it cannot use). A
+    /// `gen_server:call(Name, stop)` has the same shape and is refused alike: a lower
+    /// tier stops nothing.
+    fn gen_event(tuple: &etf::Seq<'_>) -> Option<Shape> {
+        let command = tuple.get(2).ok()?;
+        let (name, arity) = match &command {
+            Term::Atom(a) => (*a, 0),
+            Term::Tuple(t) => (t.get(0).ok()?.as_atom()?, t.len()),
+            _ => return None,
+        };
+        let admin = GEN_EVENT_ADMIN
+            .iter()
+            .find(|(n, a)| name.is(n) && *a == arity);
+        if let Some((n, _)) = admin {
+            return Some(Shape::AdminCall(n));
+        }
+        match arity {
+            3 if name.is("call") => Some(Shape::GenCall),
+            2 if name.is("sync_notify") => Some(Shape::GenCall),
+            _ => None,
         }
     }
 
@@ -1754,6 +1801,13 @@ mod tests {
         "net_kernel",
         "$gen_call",
         "is_auth",
+        "events",
+        "stop",
+        "add_handler",
+        "delete_handler",
+        "which_handlers",
+        "call",
+        "sync_notify",
         PEER,
         LOCAL,
         "third@host",
@@ -1980,6 +2034,49 @@ mod tests {
         let d = f.decide(&unknown, &ATOMS);
         assert_eq!(d.reason, Some(Reason::NewAtom));
         assert!(matches!(d.verdict, Verdict::Answer(_)));
+    }
+
+    #[test]
+    fn an_exposed_gen_event_manager_takes_no_administration() {
+        // Found by the red team (test/redteam_test.exs, gen_event_admin_events and
+        // gen_event_stop_events): gen_event's protocol is `{From, ReplyTag, Command}`
+        // without '$gen_call', so a lower tier sending to an exposed manager could add,
+        // swap or delete its handlers (running any module's init/1) and stop it.
+        let policy = TierPolicy {
+            registered: ["events".to_string()].into_iter().collect(),
+            ..TierPolicy::default()
+        };
+        let mut f = filter(policy, Vec::new());
+        let send =
+            |payload: Vec<u8>| packet(6, &[peer(5), atom(""), atom("events")], Some(payload));
+        let reply_tag = || tuple(&[peer(5), reference(PEER, 9)]);
+        let admin = [
+            atom("stop"),
+            atom("which_handlers"),
+            tuple(&[atom("add_handler"), atom("m"), atom("x")]),
+            tuple(&[atom("delete_handler"), atom("m"), atom("x")]),
+        ];
+        for command in admin {
+            for first in [peer(5), atom("x"), atom("$gen_call")] {
+                let d = f.decide(&send(tuple(&[first, reply_tag(), command.clone()])), &ATOMS);
+                assert_eq!(d.reason, Some(Reason::AdminCommand), "{d:?}");
+            }
+        }
+        // Calls and sync notifies: the manager replies to the tag, which must be the
+        // sender's (a tag it cannot use crashes the manager).
+        let call = tuple(&[atom("call"), atom("m"), atom("x")]);
+        let notify = tuple(&[atom("sync_notify"), atom("hello")]);
+        for command in [call, notify] {
+            let ok = send(tuple(&[peer(5), reply_tag(), command.clone()]));
+            assert!(delivered(&f.decide(&ok, &ATOMS)));
+            for tag in [atom("x"), tuple(&[peer(6), reference(PEER, 9)])] {
+                let bad = send(tuple(&[peer(5), tag, command.clone()]));
+                assert_eq!(f.decide(&bad, &ATOMS).reason, Some(Reason::ForgedReplyTo));
+            }
+        }
+        // Ordinary three-element messages still pass.
+        let plain = send(tuple(&[atom("hello"), atom("x"), atom("ok")]));
+        assert!(delivered(&f.decide(&plain, &ATOMS)));
     }
 
     #[test]
