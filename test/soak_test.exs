@@ -190,6 +190,7 @@ defmodule TrustDist.SoakTest do
       soak(ctx, role, :start_attacks, [Enum.map(targets, &info[&1]), info[third].victim, ms])
     end
 
+    print_header()
     t0 = System.monotonic_time(:millisecond)
     samples = sample_until(ctx, os_pids, t0, t0 + ms, [])
 
@@ -201,8 +202,10 @@ defmodule TrustDist.SoakTest do
     end
 
     final = take(ctx, os_pids, t0)
+    print_row(hd(samples), final)
     samples = Enum.reverse([final | samples])
-    report(samples)
+    print_summary(samples)
+    print_flatness(samples)
 
     # ---- no crash, no restart, no reconnect ----------------------------------------------
     for {role, _} <- @roles do
@@ -291,9 +294,8 @@ defmodule TrustDist.SoakTest do
 
     # ---- flat: atoms, memory, throughput --------------------------------------------------
     steady = Enum.filter(samples, &(&1.t >= @warmup_s * 1_000))
-    assert length(steady) >= 6, "too few samples after warm-up: #{length(steady)}"
-    n3 = div(length(steady), 3)
-    {early, late} = {Enum.take(steady, n3), Enum.take(steady, -n3)}
+    assert length(steady) >= 7, "too few samples after warm-up: #{length(steady)}"
+    {early, late} = thirds(steady)
 
     for role <- @higher do
       # Nothing on these nodes makes atoms after warm-up: every name the load, the
@@ -343,7 +345,9 @@ defmodule TrustDist.SoakTest do
   # Sampling
 
   defp sample_until(ctx, os_pids, t0, deadline, acc) do
-    acc = [take(ctx, os_pids, t0) | acc]
+    sample = take(ctx, os_pids, t0)
+    print_row(List.first(acc), sample)
+    acc = [sample | acc]
     now = System.monotonic_time(:millisecond)
 
     if now >= deadline do
@@ -390,6 +394,9 @@ defmodule TrustDist.SoakTest do
     end)
   end
 
+  defp link_sum(sample, role, key),
+    do: Enum.sum(for l <- sample.nodes[role].links, do: l[key] || 0)
+
   defp denied(s) do
     Enum.sum(for l <- s.links, l.mode == :restricted, do: l[:denied] || 0)
   end
@@ -409,12 +416,23 @@ defmodule TrustDist.SoakTest do
         end)
 
       refused = Enum.sum(for r <- @higher, do: denied(b.nodes[r]) - denied(a.nodes[r]))
+      # Received on every link of every node: each byte and packet counted once.
+      moved = fn key ->
+        Enum.sum(for {r, _} <- @roles, do: link_sum(b, r, key) - link_sum(a, r, key))
+      end
 
       attacks =
         Enum.sum(for {{:attack, _}, n} <- tb, do: n) -
           Enum.sum(for {{:attack, _}, n} <- ta, do: n)
 
-      %{t: b.t, rates: rates, refused: refused, attacks: attacks}
+      %{
+        t: b.t,
+        rates: rates,
+        refused: refused,
+        attacks: attacks,
+        mb: moved.(:bytes_in) / dt / 1_000_000,
+        packets: moved.(:packets_in) / dt
+      }
     end)
   end
 
@@ -422,44 +440,51 @@ defmodule TrustDist.SoakTest do
     samples |> intervals() |> Enum.filter(&(&1.t > @warmup_s * 1_000))
   end
 
-  defp report(samples) do
-    ivs = Map.new(intervals(samples), &{&1.t, &1})
-
+  defp print_header do
     head =
       ["   t/s"] ++
-        Enum.map(@higher, &"  #{&1}:MiB carr  rss  atoms procs") ++
-        Enum.map(@classes, &String.pad_leading("#{&1}/s", 9)) ++ ["  attacks  refused"]
+        Enum.map(@higher, &"  #{&1}:MiB carr   rss  atoms procs") ++
+        Enum.map(@classes, &String.pad_leading("#{&1}/s", 9)) ++
+        ["   MB/s  pkts/s  attacks  refused"]
 
     IO.puts("\nsoak: #{@seconds} s, samples every #{@interval_s} s, warm-up #{@warmup_s} s")
     IO.puts(Enum.join(head))
+  end
 
-    for s <- samples do
-      iv = ivs[s.t]
+  # One line per sample, printed as it is taken: memory in use, allocator carriers and
+  # resident size (MiB), atoms and processes of each higher node; then ops/s per class
+  # and attacks made and denials counted since the previous sample.
+  defp print_row(prev, s) do
+    iv = if prev, do: hd(intervals([prev, s]))
 
-      cols =
-        Enum.map(@higher, fn r ->
-          n = s.nodes[r]
+    cols =
+      Enum.map(@higher, fn r ->
+        n = s.nodes[r]
 
-          "  " <>
-            String.pad_leading(mib(n.memory), 6) <>
-            String.pad_leading(mib(n.carriers), 5) <>
-            String.pad_leading(mib(n.rss), 5) <>
-            String.pad_leading("#{n.atoms}", 7) <> String.pad_leading("#{n.processes}", 6)
-        end)
+        "  " <>
+          String.pad_leading(mib(n.memory), 6) <>
+          String.pad_leading(mib(n.carriers), 5) <>
+          String.pad_leading(mib(n.rss), 6) <>
+          String.pad_leading("#{n.atoms}", 7) <> String.pad_leading("#{n.processes}", 6)
+      end)
 
-      rates =
-        Enum.map(@classes, fn c ->
-          String.pad_leading(if(iv, do: "#{round(iv.rates[c])}", else: "-"), 9)
-        end)
+    rates =
+      Enum.map(@classes, fn c ->
+        String.pad_leading(if(iv, do: "#{round(iv.rates[c])}", else: "-"), 9)
+      end)
 
-      att =
-        if iv,
-          do: String.pad_leading("#{iv.attacks}", 9) <> String.pad_leading("#{iv.refused}", 9),
-          else: ""
+    att =
+      if iv,
+        do:
+          String.pad_leading("#{Float.round(iv.mb, 1)}", 7) <>
+            String.pad_leading("#{round(iv.packets)}", 8) <>
+            String.pad_leading("#{iv.attacks}", 9) <> String.pad_leading("#{iv.refused}", 9),
+        else: ""
 
-      IO.puts(Enum.join([String.pad_leading("#{div(s.t, 1000)}", 6) | cols] ++ rates ++ [att]))
-    end
+    IO.puts(Enum.join([String.pad_leading("#{div(s.t, 1000)}", 6) | cols] ++ rates ++ [att]))
+  end
 
+  defp print_summary(samples) do
     final = List.last(samples)
     t = totals(final)
     ok = Enum.sum(for {{:ok, _}, n} <- t, do: n)
@@ -467,7 +492,6 @@ defmodule TrustDist.SoakTest do
     att = Enum.sum(for {{:attack, _}, n} <- t, do: n)
     breach = Enum.sum(for {{:breach, _}, n} <- t, do: n)
     denied = Enum.sum(for r <- @higher, do: denied(final.nodes[r]) - denied(hd(samples).nodes[r]))
-
     logged = Enum.sum(for {{:log, :trust_dist}, n} <- t, do: n)
 
     IO.puts(
@@ -475,6 +499,43 @@ defmodule TrustDist.SoakTest do
         "#{att} attacks (#{breach} got through), #{denied} denials counted on the targets, " <>
         "#{logged} denial reports logged"
     )
+  end
+
+  # The figures the flatness assertions compare, printed whatever their outcome.
+  defp print_flatness(samples) do
+    steady = Enum.filter(samples, &(&1.t >= @warmup_s * 1_000))
+    {early, late} = thirds(steady)
+
+    for role <- @higher do
+      atoms = steady |> Enum.map(& &1.nodes[role].atoms) |> Enum.uniq()
+
+      figures =
+        for metric <- [:memory, :carriers, :rss] do
+          a = mean(Enum.map(early, & &1.nodes[role][metric]))
+          b = mean(Enum.map(late, & &1.nodes[role][metric]))
+          "#{metric} #{mib(a)} -> #{mib(b)} MiB"
+        end
+
+      IO.puts("  #{role}: atoms after warm-up #{inspect(atoms)}; " <> Enum.join(figures, ", "))
+    end
+
+    rates = steady_intervals(Enum.drop(samples, -1))
+    total = Enum.map(rates, &Enum.sum(Map.values(&1.rates)))
+    k = div(length(total), 3)
+
+    IO.puts(
+      "  throughput (ops/s, all classes): median #{round(median(total))}, " <>
+        "min #{round(Enum.min(total, fn -> 0 end))}, first third #{round(median(Enum.take(total, k)))}, " <>
+        "last third #{round(median(Enum.take(total, -k)))}"
+    )
+  end
+
+  # The first and last third of the samples under load: the final sample, taken after
+  # the loops stopped, would flatter the last third.
+  defp thirds(steady) do
+    loaded = Enum.drop(steady, -1)
+    n3 = div(length(loaded), 3)
+    {Enum.take(loaded, n3), Enum.take(loaded, -n3)}
   end
 
   defp mean([]), do: 0

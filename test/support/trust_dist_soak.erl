@@ -9,13 +9,13 @@
 %%   {breach, Kind}                     an attack that had an effect (must stay absent)
 %%   {effect, What}                     something an attack would cause on this node
 %%   {nodedown, Node} / {nodeup, Node}  connection events seen here
+%%   {log, trust_dist | other}          log events (counted, not printed)
 %% and the last failure of each class is kept as {last_fail, Class} (one entry per class,
 %% so the table stays bounded however long the soak runs).
 -module(trust_dist_soak).
 -behaviour(gen_server).
 
--export([setup/1, info/0, sample/0, running/0, counts/0, fresh/0, atoms_present/1, markers/1,
-         effects/1]).
+-export([setup/1, info/0, sample/0, running/0, counts/0, fresh/0, atoms_present/1, effects/1]).
 -export([start_load/2, start_attacks/3]).
 %% Called over distribution by the load (allowlisted for lower tiers: allowed/1 only).
 -export([echo/1, allowed/1, hold/0, touch/1]).
@@ -60,9 +60,9 @@ setup(MarkerDir) ->
             ok
     end.
 
-%% Log events are counted (the carrier's, and the rest) instead of printed: the attackers make thousands of
-%% denials a second, and the soak's output is its table. The carrier's own rate limit
-%% still decides what reaches logger; the counts show it.
+%% Log events are counted instead of printed: the attackers cause thousands of denials a
+%% second, and the soak's output is its table. The carrier's own rate limit still decides
+%% what reaches logger; the counts show it.
 count_logs() ->
     _ = logger:remove_handler(default),
     ok = logger:add_handler(soak_log_count, ?MODULE, #{level => all}).
@@ -113,9 +113,9 @@ carriers() ->
 
 %% How many load and attack loops of this node are still running.
 running() ->
-    length([P || P <- pg_members(), is_process_alive(P)]).
+    length([P || P <- loops(), is_process_alive(P)]).
 
-pg_members() ->
+loops() ->
     case ets:lookup(?TAB, loops) of
         [{loops, Pids}] -> Pids;
         [] -> []
@@ -123,7 +123,7 @@ pg_members() ->
 
 add_loops(Pids) ->
     %% Only the test process (one peer:call at a time) adds loops.
-    ets:insert(?TAB, {loops, Pids ++ pg_members()}).
+    ets:insert(?TAB, {loops, Pids ++ loops()}).
 
 %% The atom names this node's floods sent last, per target.
 fresh() ->
@@ -142,12 +142,6 @@ effects(MarkerDir) ->
     {group_leader, Gl} = process_info(whereis(soak_victim), group_leader),
     #{victim_group_leader => node(Gl),
       code_path_changed => lists:member(MarkerDir, code:get_path())}.
-
-markers(Dir) ->
-    case file:list_dir(Dir) of
-        {ok, Files} -> Files;
-        {error, _} -> []
-    end.
 
 %%% The fixtures' processes
 
