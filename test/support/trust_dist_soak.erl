@@ -257,10 +257,17 @@ payload(Blob) ->
            end,
     binary:part(Blob, 0, Size).
 
+%% erpc and gen_call run in a fresh process each time, as short-lived request processes
+%% do: every one is a new pid handed to the peer, so the filter's grant table of a
+%% restricted link turns over (16 Ki pids) within a minute or two, while the long-lived
+%% pid of pid_echo on the same link must stay reachable.
 op(erpc, T, Bin, _Seq) ->
-    expect(erlang:phash2(Bin), erpc:call(T, ?MODULE, echo, [Bin], 15000));
+    in_fresh(fun() -> expect(erlang:phash2(Bin), erpc:call(T, ?MODULE, echo, [Bin], 15000)) end);
 op(gen_call, T, Bin, _Seq) ->
-    expect({echo, erlang:phash2(Bin)}, gen_server:call({soak_server, T}, {echo, Bin}, 15000));
+    in_fresh(fun() ->
+                     expect({echo, erlang:phash2(Bin)},
+                            gen_server:call({soak_server, T}, {echo, Bin}, 15000))
+             end);
 op(pid_echo, T, Bin, Seq) ->
     %% The same long-lived pid is handed to the peer again and again, which answers it.
     {soak_echo, T} ! {self(), Seq, Bin},
@@ -269,11 +276,7 @@ op(pid_echo, T, Bin, Seq) ->
     after 15000 -> {timeout, pid_echo}
     end;
 op(monlink, T, _Bin, Seq) ->
-    %% In a fresh process each time, as short-lived request processes would.
-    {P, Ref} = spawn_monitor(fun() -> exit(monlink(T, Seq)) end),
-    receive {'DOWN', Ref, process, P, Result} -> Result
-    after 20000 -> exit(P, kill), {timeout, monlink}
-    end;
+    in_fresh(fun() -> monlink(T, Seq) end);
 op(up_send, T, Bin, Seq) ->
     %% A few messages to the allowlisted name, then ask how many arrived.
     Sent = case get(up_sent) of undefined -> 0; S -> S end,
@@ -283,6 +286,14 @@ op(up_send, T, Bin, Seq) ->
     expect(Sent + N, gen_server:call({?INBOX, T}, {seen, node()}, 15000));
 op(up_rpc, T, _Bin, Seq) ->
     expect({allowed, T, Seq}, erpc:call(T, ?MODULE, allowed, [Seq], 15000)).
+
+in_fresh(Fun) ->
+    {P, Ref} = spawn_monitor(fun() -> exit({done, Fun()}) end),
+    receive
+        {'DOWN', Ref, process, P, {done, Result}} -> Result;
+        {'DOWN', Ref, process, P, Why} -> {crashed, Why}
+    after 40000 -> exit(P, kill), {timeout, in_fresh}
+    end.
 
 expect(X, X) -> ok;
 expect(Want, Got) -> {unexpected, Want, Got}.
