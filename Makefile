@@ -7,7 +7,7 @@ export MIX_HOME ?= $(CURDIR)/_build/mix_home
 export HEX_OFFLINE := 1
 
 .PHONY: all deps build test test-rust test-elixir test-matrix matrix-chroots demo bench \
-        fmt lint clean fuzz releases faults faults-check
+        fmt lint clean fuzz releases faults faults-check soak
 
 all: build
 
@@ -29,6 +29,12 @@ test-rust:
 test-elixir: deps
 	@if [ "$${TRUST_DIST_MATRIX:-1}" != 0 ]; then $(MAKE) --no-print-directory matrix-chroots || true; fi
 	MIX_ENV=test mix test
+
+# test/soak_test.exs for 30 minutes: five nodes of three tiers, mixed traffic and attackers
+# throughout; memory, atoms and throughput must stay flat. `make test` runs it for 2 minutes.
+SOAK_SECONDS ?= 1800
+soak: deps
+	TRUST_DIST_SOAK_SECONDS=$(SOAK_SECONDS) MIX_ENV=test mix test test/soak_test.exs
 
 matrix-chroots:
 	@for v in 27 29; do scripts/otp-chroot.sh ensure $$v >/dev/null || echo "matrix: OTP $$v chroot unavailable"; done
@@ -60,7 +66,8 @@ faults: faults-check build
 faults-check:
 	@scripts/faults-net.sh check
 
-# cargo-fuzz targets of native/proto (needs cargo-fuzz; nightly or RUSTC_BOOTSTRAP=1).
+# cargo-fuzz targets of native/proto (installs cargo-fuzz if missing; nightly, or
+# RUSTC_BOOTSTRAP=1 on stable).
 FUZZ_SECONDS ?= 60
 fuzz:
 	scripts/fuzz.sh $(FUZZ_SECONDS)

@@ -63,10 +63,15 @@ impl Default for Limits {
     }
 }
 
-/// A map that forgets its oldest entry when full.
+/// A map that forgets its least recently inserted entry when full. Inserting a key that
+/// is already present makes it the newest again: a pid handed to the peer over and over
+/// (a long-lived caller) must not be forgotten because it was first handed out long ago.
 struct Bounded<K, V> {
-    map: HashMap<K, V>,
-    order: VecDeque<K>,
+    /// Each entry with the stamp of its latest insertion.
+    map: HashMap<K, (V, u64)>,
+    /// Insertions in order; an element whose stamp is no longer its key's is stale.
+    order: VecDeque<(K, u64)>,
+    next: u64,
     cap: usize,
 }
 
@@ -75,31 +80,37 @@ impl<K: Hash + Eq + Copy, V> Bounded<K, V> {
         Bounded {
             map: HashMap::new(),
             order: VecDeque::new(),
+            next: 0,
             cap: cap.max(1),
         }
     }
 
     fn insert(&mut self, key: K, value: V) {
-        if self.map.insert(key, value).is_none() {
-            self.order.push_back(key);
-        }
+        let stamp = self.next;
+        self.next += 1;
+        self.map.insert(key, (value, stamp));
+        self.order.push_back((key, stamp));
         while self.map.len() > self.cap {
             match self.order.pop_front() {
-                Some(old) => {
-                    self.map.remove(&old);
+                Some((old, stamp)) => {
+                    if self.map.get(&old).is_some_and(|(_, s)| *s == stamp) {
+                        self.map.remove(&old);
+                    }
                 }
                 None => break,
             }
         }
-        // Removed keys linger in `order`; compact before they outnumber live ones.
+        // Stale elements (re-inserted or removed keys) linger in `order`; compact before
+        // they outnumber live ones, so `order` stays within twice the capacity.
         if self.order.len() > 2 * self.cap {
             let map = &self.map;
-            self.order.retain(|k| map.contains_key(k));
+            self.order
+                .retain(|(k, stamp)| map.get(k).is_some_and(|(_, s)| s == stamp));
         }
     }
 
     fn get(&self, key: &K) -> Option<&V> {
-        self.map.get(key)
+        self.map.get(key).map(|(v, _)| v)
     }
 
     fn contains(&self, key: &K) -> bool {
@@ -107,7 +118,7 @@ impl<K: Hash + Eq + Copy, V> Bounded<K, V> {
     }
 
     fn remove(&mut self, key: &K) -> Option<V> {
-        self.map.remove(key)
+        self.map.remove(key).map(|(v, _)| v)
     }
 
     fn len(&self) -> usize {
@@ -2193,6 +2204,47 @@ mod tests {
         assert!(delivered(
             &f.decide(&send_sender(peer(5), local(109), atom("ok")), &ATOMS)
         ));
+    }
+
+    #[test]
+    fn a_pid_granted_again_is_the_newest_grant_not_the_oldest() {
+        let limits = Limits {
+            granted_pids: 4,
+            ..Limits::default()
+        };
+        let mut f = LinkFilter::with_limits(
+            NodeId {
+                name: LOCAL.into(),
+                creation: 1,
+            },
+            NodeId {
+                name: PEER.into(),
+                creation: 2,
+            },
+            TierPolicy::default(),
+            Vec::new(),
+            limits,
+        );
+        // A long-lived process (1) hands its pid over again after two fresh ones (100,
+        // 101) were granted; two more fresh ones then push the table over its capacity.
+        // The least recently granted goes (100), not the long-lived one.
+        let grant = |f: &mut LinkFilter, id| {
+            f.observe_outgoing(&send_sender(local(id), peer(5), local(id)))
+        };
+        for id in [1, 100, 101, 1, 102, 103] {
+            grant(&mut f, id);
+        }
+        assert_eq!(f.granted_pids.len(), 4);
+        for (id, granted) in [(1, true), (100, false), (101, true), (103, true)] {
+            let d = f.decide(&send_sender(peer(5), local(id), atom("ok")), &ATOMS);
+            assert_eq!(delivered(&d), granted, "pid {id}");
+        }
+        // Re-grants leave stale entries in `order`; they are compacted away.
+        for _ in 0..100 {
+            grant(&mut f, 1);
+        }
+        assert!(f.granted_pids.order.len() <= 8);
+        assert_eq!(f.granted_pids.len(), 4);
     }
 
     #[test]
