@@ -523,11 +523,19 @@ timed(Fun) ->
     Result = try {ok, Fun()} catch Class:Reason -> {Class, Reason} end,
     {Result, now_ms() - T0}.
 
-%% Node.spawn of touch(Path) on Node: how the returned pid ended and how soon.
+%% A monitored spawn of touch(Path) on Node: how the process ended and how soon.
 try_spawn(Node, Path) ->
     T0 = now_ms(),
-    Pid = spawn(Node, ?MODULE, touch, [Path]),
-    Ref = monitor(process, Pid),
+    %% Monitored from the start: a refused spawn's process may be gone before a separate
+    %% monitor call, which would then report noproc instead of the refusal. spawn_monitor
+    %% waits for the spawn reply and raises its error, the same notsup.
+    try spawn_monitor(Node, ?MODULE, touch, [Path]) of
+        {Pid, Ref} -> await_spawned(Pid, Ref, T0)
+    catch
+        error:notsup -> {down, notsup, now_ms() - T0}
+    end.
+
+await_spawned(Pid, Ref, T0) ->
     receive
         {'DOWN', Ref, process, Pid, Why} -> {down, Why, now_ms() - T0}
     after 3000 ->
