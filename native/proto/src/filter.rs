@@ -1843,6 +1843,23 @@ mod tests {
         let elements: Vec<&[u8]> = elements.iter().map(Vec::as_slice).collect();
         control::answer::packet(op, &elements, payload.as_deref())
     }
+    /// A default-policy filter with smaller tables, to reach their bounds in a test.
+    fn filter_with_limits(limits: Limits) -> LinkFilter {
+        LinkFilter::with_limits(
+            NodeId {
+                name: LOCAL.into(),
+                creation: 1,
+            },
+            NodeId {
+                name: PEER.into(),
+                creation: 2,
+            },
+            TierPolicy::default(),
+            Vec::new(),
+            limits,
+        )
+    }
+
     fn filter(policy: TierPolicy, system: Vec<(String, PidKey)>) -> LinkFilter {
         LinkFilter::new(
             NodeId {
@@ -2181,19 +2198,7 @@ mod tests {
             granted_pids: 4,
             ..Limits::default()
         };
-        let mut f = LinkFilter::with_limits(
-            NodeId {
-                name: LOCAL.into(),
-                creation: 1,
-            },
-            NodeId {
-                name: PEER.into(),
-                creation: 2,
-            },
-            TierPolicy::default(),
-            Vec::new(),
-            limits,
-        );
+        let mut f = filter_with_limits(limits);
         for id in 100..110 {
             f.observe_outgoing(&send_sender(local(1), peer(5), local(id)));
         }
@@ -2212,19 +2217,7 @@ mod tests {
             granted_pids: 4,
             ..Limits::default()
         };
-        let mut f = LinkFilter::with_limits(
-            NodeId {
-                name: LOCAL.into(),
-                creation: 1,
-            },
-            NodeId {
-                name: PEER.into(),
-                creation: 2,
-            },
-            TierPolicy::default(),
-            Vec::new(),
-            limits,
-        );
+        let mut f = filter_with_limits(limits);
         // A long-lived process (1) hands its pid over again after two fresh ones (100,
         // 101) were granted; two more fresh ones then push the table over its capacity.
         // The least recently granted goes (100), not the long-lived one.
