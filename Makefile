@@ -50,6 +50,8 @@ releases: deps
 # trust vs inet_tcp_dist vs inet_tls_dist vs the bare transport (raw quinn), side by side,
 # with the performance targets as ratios; results in bench/results/ (.md, .json, .svg).
 # BENCH_ARGS=--quick for a smoke run, --carriers trust,inet_tcp for a subset.
+# The loss rows (ping during bulk at 50 ms RTT and 1 % loss, nodes in network namespaces
+# joined by trust-dist-wire) need root and say so without it; --no-loss skips them.
 # A full run (no BENCH_ARGS) also renders its plot into docs/bench.svg for the README.
 bench: build
 	bench/run.sh $(BENCH_ARGS)
