@@ -1541,6 +1541,8 @@ render_svg(Results, Meta) ->
                            [Label, svg_text(160, Y + 14, "starved (no reply within 10 s)", "")];
                        none ->
                            [Label, svg_text(160, Y + 14, "n/a", "")];
+                       {na, Why} ->
+                           [Label, svg_text(160, Y + 14, "n/a: " ++ Why, "")];
                        _ ->
                            Len = max(1, round(480 * V / Max)),
                            [Label,
@@ -1562,9 +1564,10 @@ render_svg(Results, Meta) ->
        "</svg>\n"]).
 
 plot_value(Results, C, M, p99_us) when M =:= load_ping; M =:= loss_ping ->
-    case value(Results, C, M, p99_us) of
-        V when is_number(V) -> V / 1000;
-        Other -> Other
+    case {value(Results, C, M, p99_us), lists:keyfind(C, 1, Results)} of
+        {none, {_, #{M := {ok, #{na := Why}}}}} -> {na, binary_to_list(Why)};
+        {V, _} when is_number(V) -> V / 1000;
+        {Other, _} -> Other
     end;
 plot_value(Results, C, M, F) ->
     value(Results, C, M, F).
