@@ -885,13 +885,26 @@ echo() ->
         stop -> ok
     end.
 
-%% Counts everything it gets; `{done, From, _}' reports the count and resets it.
+%% Counts everything it gets; `{done, From, Expected}' reports the count once it reaches
+%% Expected and resets it. Waiting for the count matters when `done' comes from another
+%% process than the messages: Erlang orders messages per sender only, and a carrier
+%% with several streams per connection (trust) may deliver it before the last of them.
 sink() -> sink(0).
 sink(N) ->
     receive
-        {done, From, _Expected} -> From ! {sink_done, self(), N}, sink(0);
+        {done, From, Expected} when N >= Expected -> From ! {sink_done, self(), N}, sink(0);
+        {done, From, Expected} -> sink_until(N, From, Expected);
         stop -> ok;
         _ -> sink(N + 1)
+    end.
+
+sink_until(N, From, Expected) when N >= Expected ->
+    From ! {sink_done, self(), N},
+    sink(0);
+sink_until(N, From, Expected) ->
+    receive
+        stop -> ok;
+        _ -> sink_until(N + 1, From, Expected)
     end.
 
 spawn_sink(B) ->

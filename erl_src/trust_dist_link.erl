@@ -6,9 +6,11 @@
 %%     `dist_util:net_ticker_spawn_options()'): runs the `dist_util' handshake over the
 %%     verified link, then becomes the ticker;</li>
 %% <li>the <b>controller</b>, registered with the VM as the distribution controller: after
-%%     the handshake it drains `dist_ctrl_get_data' into the NIF, stopping while the QUIC
-%%     send queue is above its high-water mark (the VM then makes senders wait, as for a
-%%     busy TCP port);</li>
+%%     the handshake it drains `dist_ctrl_get_data' into the NIF, which puts each packet
+%%     on the lane (QUIC stream) of its sending process. A process whose lane is above its
+%%     high-water mark is suspended until the lane drains, the others go on; only when
+%%     the whole link's queue is above its mark does the controller stop (the VM then
+%%     makes every sender wait, as for a busy TCP port);</li>
 %% <li>the <b>input handler</b>: hands packet batches from the NIF to
 %%     `dist_ctrl_put_data' and returns credit, so the transport reads no more than the VM
 %%     takes.</li>
@@ -27,6 +29,9 @@
 
 %% What the f_* funs of #hs_data{} get as their "socket".
 -record(sock, {ctrl :: pid(), link :: reference(), info :: map()}).
+%% The controller's state once data flows: processes it suspended, by pid.
+-record(out, {node :: node(), dhandle :: term(), link :: reference(),
+              paused = #{} :: #{pid() => true}}).
 
 -define(SPAWN_OPTS, [link, {message_queue_data, off_heap}]).
 %% Packets drained from the VM per NIF call, and roughly how many bytes.
@@ -119,20 +124,19 @@ resolve_host(Host) ->
             end
     end.
 
-%% Restricted links (the peer is below us) negotiate neither the atom cache nor fragments,
-%% so every packet the peer sends is self-contained: a packet the filter drops cannot
-%% change how a later one decodes, and no fragment state exists to bound. Either side's
-%% rejection removes a feature in both directions. Links across tiers are hidden: no
-%% `global' sync and no transitive mesh through a node of another tier.
--define(RESTRICTED_REJECT_FLAGS, (?DFLAG_DIST_HDR_ATOM_CACHE bor ?DFLAG_FRAGMENTS)).
+%% No link negotiates the atom cache or fragments, so every packet is self-contained:
+%% it decodes the same whichever lane (QUIC stream) brings it, which is what lets the
+%% transport spread one connection's packets over several streams by sending process
+%% (trust_dist_proto::lanes) and keep a bulk transfer from holding back everyone else.
+%% On restricted links (the peer is below us) it also means a packet the filter drops
+%% cannot change how a later one decodes, and no fragment state exists to bound. Either
+%% side's rejection removes a feature in both directions. Links across tiers are hidden:
+%% no `global' sync and no transitive mesh through a node of another tier.
+-define(REJECT_FLAGS, (?DFLAG_DIST_HDR_ATOM_CACHE bor ?DFLAG_FRAGMENTS)).
 
-hs_data(#sock{info = Info} = Sock) ->
+hs_data(Sock) ->
     HSData = hs_data_funs(Sock),
-    Reject = case Info of
-                 #{mode := restricted} -> ?RESTRICTED_REJECT_FLAGS;
-                 #{} -> 0
-             end,
-    HSData#hs_data{reject_flags = Reject}.
+    HSData#hs_data{reject_flags = ?REJECT_FLAGS}.
 
 %% The connection type: hidden across tiers whatever net_kernel asked for.
 request_type(#{cross_tier := true}, _Asked) -> hidden;
@@ -226,21 +230,23 @@ controller(Supervisor, Link) ->
             process_flag(priority, high),
             Supervisor ! {Ref, ok},
             erlang:dist_ctrl_get_data_notification(DHandle),
-            output_loop(Node, DHandle, Link, false)
+            output_loop(#out{node = Node, dhandle = DHandle, link = Link}, false)
     end.
 
-output_loop(Node, DHandle, Link, Busy) ->
+output_loop(Out, Busy) ->
     receive
         dist_data when not Busy ->
-            drain(Node, DHandle, Link);
+            drain(Out);
         dist_data ->
-            output_loop(Node, DHandle, Link, Busy);
+            output_loop(Out, Busy);
         {trust_dist_writable} ->
-            drain(Node, DHandle, Link);
+            drain(Out);
+        {trust_dist_resume, Pids} ->
+            output_loop(resume(Pids, Out), Busy);
         {trust_dist_closed, Why} ->
-            closed(Node, Why);
+            closed(Out#out.node, Why);
         {'EXIT', _, Reason} ->
-            exit_closing(Link, Reason)
+            exit_closing(Out#out.link, Reason)
     end.
 
 %% This node's system processes as the filter of a restricted link must know them: they
@@ -256,23 +262,53 @@ exit_closing(Link, Reason) ->
     trust_dist_nif:close(Link, unicode:characters_to_binary(io_lib:format("~0tp", [Reason]))),
     exit(Reason).
 
-drain(Node, DHandle, Link) ->
+drain(#out{dhandle = DHandle, link = Link} = Out) ->
     case collect(DHandle, ?BATCH_PACKETS, ?BATCH_BYTES, []) of
         {[], _} ->
             erlang:dist_ctrl_get_data_notification(DHandle),
-            output_loop(Node, DHandle, Link, false);
+            output_loop(Out, false);
         {Packets, More} ->
-            case trust_dist_nif:send(Link, Packets) of
-                ok when More -> drain(Node, DHandle, Link);
+            {Status, Out1} = case trust_dist_nif:send(Link, Packets) of
+                                 {S, Pids} -> {S, pause(Pids, Out)};
+                                 S -> {S, Out}
+                             end,
+            case Status of
+                ok when More -> drain(Out1);
                 ok ->
                     erlang:dist_ctrl_get_data_notification(DHandle),
-                    output_loop(Node, DHandle, Link, false);
+                    output_loop(Out1, false);
                 busy ->
                     %% The VM keeps what we have not taken and suspends senders once its
                     %% buffer is full; {trust_dist_writable} resumes us.
-                    output_loop(Node, DHandle, Link, true)
+                    output_loop(Out1, true)
             end
     end.
+
+%% A process whose lane is over its high-water mark is suspended here, as the VM
+%% suspends a sender on a busy connection, but alone: the connection stays open to every
+%% other process, so a ping never waits behind someone else's bulk transfer. Suspensions
+%% are asynchronous (this process never blocks on a sender), undone when the lane drains
+%% ({trust_dist_resume, Pids}) and, by the VM, when this process exits with the link.
+pause([], Out) ->
+    Out;
+pause([Pid | Rest], #out{paused = Paused} = Out) when Pid =:= self();
+                                                      is_map_key(Pid, Paused) ->
+    pause(Rest, Out);
+pause([Pid | Rest], #out{paused = Paused} = Out) ->
+    try erlang:suspend_process(Pid, [asynchronous]) of
+        _ -> pause(Rest, Out#out{paused = Paused#{Pid => true}})
+    catch
+        error:badarg -> pause(Rest, Out)  % gone already, or not a local process
+    end.
+
+resume(Pids, #out{paused = Paused} = Out) ->
+    Out#out{paused = lists:foldl(fun resume_one/2, Paused, Pids)}.
+
+resume_one(Pid, Paused) when is_map_key(Pid, Paused) ->
+    catch erlang:resume_process(Pid),
+    maps:remove(Pid, Paused);
+resume_one(_Pid, Paused) ->
+    Paused.
 
 %% Returns the packets in order and whether the VM may have more.
 collect(_DHandle, 0, _Bytes, Acc) ->

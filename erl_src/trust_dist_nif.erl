@@ -7,12 +7,12 @@
 
 -export([load/0]).
 -export([start/3, local_port/1, accept/2, connect/5, stop/1,
-         set_owners/3, recv_handshake/1, send/2, start_data/3, ack/2, tick/1,
+         set_owners/3, recv_handshake/1, send/2, send_barrier/2, start_data/3, ack/2, tick/1,
          getstat/1, stats/1, peer/1, close/2, system_process_names/0, vocabulary/0,
        reload_revocations/1]).
 
 -nifs([start/3, local_port/1, accept/2, connect/5, stop/1,
-       set_owners/3, recv_handshake/1, send/2, start_data/3, ack/2, tick/1,
+       set_owners/3, recv_handshake/1, send/2, send_barrier/2, start_data/3, ack/2, tick/1,
        getstat/1, stats/1, peer/1, close/2, system_process_names/0, vocabulary/0,
        reload_revocations/1]).
 
@@ -47,6 +47,7 @@ stop(_Carrier) -> ?NOT_LOADED.
 set_owners(_Link, _Input, _Output) -> ?NOT_LOADED.
 recv_handshake(_Link) -> ?NOT_LOADED.
 send(_Link, _Packets) -> ?NOT_LOADED.
+send_barrier(_Link, _Packets) -> ?NOT_LOADED.
 start_data(_Link, _Me, _SystemProcesses) -> ?NOT_LOADED.
 ack(_Link, _Bytes) -> ?NOT_LOADED.
 tick(_Link) -> ?NOT_LOADED.

@@ -84,7 +84,10 @@ handle_call({listen, NodeName, Port}, _From, #state{config = Config} = State) ->
                 revoked => bin(maps:get(revoked, Config)),
                 idle_timeout_ms => net_ticktime_ms(),
                 handshake_timeout_ms => net_setuptime_ms(),
-                max_frame => 128 * 1024 * 1024},
+                %% Without fragments a message is one packet, however large (as over
+                %% inet_tcp_dist without fragments, up to its 4-byte length); a
+                %% restricted link holds its peer to the policy's max_message_size.
+                max_frame => 16#FFFFFFFF},
     Trust = {maps:get(policy, Config), maps:get(assertions, Config)},
     case start_carrier(Options, Trust, Ip0) of
         {ok, Carrier, BoundIp} ->

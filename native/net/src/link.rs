@@ -2,9 +2,13 @@
 //! control in both directions and per-link counters.
 //!
 //! Streams: the connecting side opens one bidirectional stream that carries, in order,
-//! the hello (certificate) frames, the distribution handshake and then every distribution
-//! packet, each as a length-prefixed frame. Each side also opens one unidirectional stream
-//! on which it writes one byte per tick, so liveness never waits behind bulk data.
+//! the hello (certificate) frames, the distribution handshake and then the distribution
+//! packets of lane 0, each as a length-prefixed frame. Once the data phase starts, each
+//! side spreads its packets over [`LANES`] lanes by sending process (see
+//! `trust_dist_proto::lanes`): lane 0 is that first stream, lanes 1.. are unidirectional
+//! streams opened on first use. Each side also opens one unidirectional stream on which
+//! it writes one byte per tick, so liveness never waits behind bulk data. Every
+//! unidirectional stream starts with one byte that says which it is.
 
 use crate::{tls, unix_now, Acceptor, CarrierShared};
 use bytes::Bytes;
@@ -16,6 +20,7 @@ use tokio::sync::mpsc;
 use trust_dist_proto::filter::{Counters, Decision, LinkFilter, NodeId, Verdict};
 use trust_dist_proto::frame::{self, FrameDecoder};
 use trust_dist_proto::handshake::{self, FrameBudget, NameGuard, Side, MAX_HANDSHAKE_FRAME};
+use trust_dist_proto::lanes::{self, Lane, LANES};
 use trust_dist_proto::link::LinkMode;
 use trust_dist_proto::CertificateBody;
 
@@ -29,8 +34,22 @@ const READ_CHUNK: usize = 256 * 1024;
 const PRE_START_BUFFER: usize = 64 * 1024;
 /// How long a graceful close waits for the peer to acknowledge what was sent.
 pub const CLOSE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
-/// Most packets handed to the VM in one message.
+/// Most packets, and about the most bytes, handed to the VM in one message: a batch is
+/// built on the transport's one thread, and a smaller one lets other lanes' work run
+/// in between.
 const MAX_BATCH: usize = 256;
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Bytes queued on one lane above which the processes sending on it are paused (the
+/// layer above suspends them, as a busy connection would), and below which they resume.
+/// Other lanes, and the processes on them, go on meanwhile.
+const LANE_HIGH_WATER: usize = 4 * 1024 * 1024;
+const LANE_LOW_WATER: usize = 1024 * 1024;
+/// Bytes a lane's reader holds, read from QUIC but not yet handed to the VM, before it
+/// stops reading (QUIC's per-stream flow control then holds that stream back alone).
+const LANE_READ_AHEAD: usize = 1024 * 1024;
+/// Bytes a lane with nothing outstanding may hand to the VM even when the link's total
+/// credit is used up by other lanes, so a quiet process is never stuck behind bulk ones.
+const IDLE_LANE_ALLOWANCE: usize = 64 * 1024;
 
 /// What the transport tells the layer above about one link. Each call returns false when
 /// nobody is listening any more, which closes the link.
@@ -43,6 +62,12 @@ pub trait LinkEvents: Send + Sync + 'static {
     fn writable(&self) -> bool;
     /// The link is gone; `reason` says why.
     fn closed(&self, reason: &str);
+    /// The lane of these paused processes (see [`Sent::pause`]) drained below its
+    /// low-water mark: they may go on.
+    fn resume(&self, pids: Vec<Vec<u8>>) -> bool {
+        let _ = pids;
+        true
+    }
 }
 
 /// One refused packet from a lower tier, for the log.
@@ -109,14 +134,137 @@ pub struct LinkStats {
     pub dropped_in: AtomicU64,
 }
 
-/// Bytes handed to the VM and not yet acknowledged, shared by the reader (which adds)
-/// and the input handler's acks (which subtract).
+/// Bytes handed to the VM and not yet acknowledged, per lane and in all, shared by the
+/// reader (which adds) and the input handler's acks (which subtract). Acks come one per
+/// batch, in the order the batches were sent, so each ack settles the oldest batch.
 #[derive(Default)]
 struct Credit {
-    outstanding: AtomicUsize,
+    book: Mutex<CreditBook>,
     /// Set by the reader before it sleeps for lack of credit.
     waiting: AtomicBool,
     returned: tokio::sync::Notify,
+}
+
+struct CreditBook {
+    outstanding: [usize; LANES],
+    total: usize,
+    /// Per batch not yet acknowledged: bytes by lane.
+    batches: VecDeque<Vec<(usize, usize)>>,
+}
+
+impl Default for CreditBook {
+    fn default() -> Self {
+        CreditBook {
+            outstanding: [0; LANES],
+            total: 0,
+            batches: VecDeque::new(),
+        }
+    }
+}
+
+impl CreditBook {
+    /// Settles `bytes` of the oldest batches, oldest lane entries first.
+    fn settle(&mut self, mut bytes: usize) {
+        while bytes > 0 {
+            let Some(batch) = self.batches.front_mut() else {
+                break;
+            };
+            while bytes > 0 && !batch.is_empty() {
+                let (lane, n) = &mut batch[0];
+                let take = (*n).min(bytes);
+                self.outstanding[*lane] = self.outstanding[*lane].saturating_sub(take);
+                self.total = self.total.saturating_sub(take);
+                *n -= take;
+                bytes -= take;
+                if *n == 0 {
+                    batch.remove(0);
+                }
+            }
+            if batch.is_empty() {
+                self.batches.pop_front();
+            }
+        }
+    }
+
+    /// May lane `lane` hand up `more` bytes beyond what it has taken in this batch?
+    fn allows(&self, lane: usize, taken_lane: usize, taken_total: usize, credit: usize) -> bool {
+        let lane_out = self.outstanding[lane] + taken_lane;
+        lane_out < credit
+            && (self.total + taken_total < 2 * credit || lane_out < IDLE_LANE_ALLOWANCE.min(credit))
+    }
+}
+
+/// One unit of what a lane brings, in order.
+enum Item {
+    Packet(Vec<u8>),
+    /// A frame the deframer threw away (over the peer's message limit): it still counts
+    /// in the lane's order, for barriers.
+    Discarded,
+    /// Deliver nothing after this on lane 0 until every lane has delivered this many.
+    Barrier(Box<[u64; LANES]>),
+}
+
+/// What the lanes have brought and the VM has not yet been handed.
+struct Inbox {
+    lanes: Vec<VecDeque<Item>>,
+    bytes: [usize; LANES],
+    /// Items taken from each lane so far (packets, refused or not, and discarded frames).
+    delivered: [u64; LANES],
+    /// Lanes whose stream the peer has opened, and those whose stream has ended.
+    opened: [bool; LANES],
+    ended: [bool; LANES],
+    ticks_opened: bool,
+}
+
+impl Default for Inbox {
+    fn default() -> Self {
+        Inbox {
+            lanes: (0..LANES).map(|_| VecDeque::new()).collect(),
+            bytes: [0; LANES],
+            delivered: [0; LANES],
+            opened: [false; LANES],
+            ended: [false; LANES],
+            ticks_opened: false,
+        }
+    }
+}
+
+impl Inbox {
+    fn push(&mut self, lane: usize, item: Item) {
+        if let Item::Packet(p) = &item {
+            self.bytes[lane] += p.len();
+        }
+        self.lanes[lane].push_back(item);
+    }
+
+    fn barrier_met(&self, counts: &[u64; LANES]) -> bool {
+        self.delivered.iter().zip(counts).all(|(d, c)| d >= c)
+    }
+}
+
+/// The sending side of the lanes: what each lane has been given and still holds.
+struct SendLanes {
+    /// Lanes are used once the data phase starts; handshake frames all go on lane 0.
+    data_phase: bool,
+    salt: u64,
+    /// Packets put on each lane so far (barrier markers not counted).
+    sent: [u64; LANES],
+    /// Bytes given to each lane's writer and not yet written to QUIC.
+    queued: [usize; LANES],
+    /// Processes paused because their lane went over its high-water mark (their pids as
+    /// the packets encode them), resumed together when it drains.
+    paused: Vec<Vec<Vec<u8>>>,
+}
+
+/// What [`Link::send_packets`] did.
+#[derive(Debug, Default)]
+pub struct Sent {
+    /// The link's whole queue is above its high-water mark: stop until
+    /// [`LinkEvents::writable`].
+    pub busy: bool,
+    /// Processes (pids in external form, no version byte) whose lane is above its
+    /// high-water mark: pause them until [`LinkEvents::resume`] names them.
+    pub pause: Vec<Vec<u8>>,
 }
 
 enum ReaderCommand {
@@ -141,9 +289,19 @@ pub(crate) struct Shared {
     /// node hands out before the peer can see it).
     filter: Mutex<Option<LinkFilter>>,
     denials: Mutex<DenialLimit>,
-    /// Where the filter's answers go; weak, so that the writer still ends when the
-    /// link's handle is dropped.
-    answers: mpsc::WeakUnboundedSender<Outgoing>,
+    /// The lane writers, for the filter's answers and the close; weak, so that the
+    /// writers still end when the link's handle is dropped.
+    writers: Vec<mpsc::WeakUnboundedSender<Outgoing>>,
+    lanes: Mutex<SendLanes>,
+    inbox: Mutex<Inbox>,
+    /// A lane reader brought something (or ended).
+    arrived: tokio::sync::Notify,
+    /// The deliverer took something: lane readers below their read-ahead read again.
+    room: tokio::sync::Notify,
+    /// Set with the data phase: lane readers wait for it (a restricted link's message
+    /// limit is known from then on).
+    data_started: AtomicBool,
+    started: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -185,7 +343,8 @@ impl Shared {
 /// A verified connection to a peer. Dropping the last handle closes the connection.
 pub struct Link {
     shared: Arc<Shared>,
-    writer: mpsc::UnboundedSender<Outgoing>,
+    /// One writer per lane; lane 0 writes the stream the link was opened with.
+    writers: Vec<mpsc::UnboundedSender<Outgoing>>,
     ticker: mpsc::UnboundedSender<()>,
     reader: mpsc::UnboundedSender<ReaderCommand>,
 }
@@ -268,7 +427,13 @@ impl Link {
                 *slot = Some(filter);
             }
         }
-        self.reader.send(ReaderCommand::StartData).is_ok() && !self.is_closed()
+        if let Ok(mut lanes) = self.shared.lanes.lock() {
+            lanes.data_phase = true;
+        }
+        let started = self.reader.send(ReaderCommand::StartData).is_ok() && !self.is_closed();
+        self.shared.data_started.store(true, Ordering::SeqCst);
+        self.shared.started.notify_waiters();
+        started
     }
 
     /// The filter's counters of a restricted link, by operation and outcome.
@@ -279,15 +444,14 @@ impl Link {
 
     /// Returns credit for `bytes` of packets the VM has taken.
     ///
-    /// An atomic, not a message: the reader is woken only if it is actually waiting for
-    /// credit, so a busy link does not pay a cross-thread wake-up per batch.
+    /// The VM takes batches in the order they were handed up, so acks settle the oldest
+    /// batches first, lane by lane. The reader is woken only if it is actually waiting
+    /// for credit, so a busy link does not pay a cross-thread wake-up per batch.
     pub fn ack(&self, bytes: usize) {
         let credit = &self.shared.credit;
-        let _ = credit
-            .outstanding
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |o| {
-                Some(o.saturating_sub(bytes))
-            });
+        if let Ok(mut book) = credit.book.lock() {
+            book.settle(bytes);
+        }
         if credit.waiting.swap(false, Ordering::SeqCst) {
             credit.returned.notify_one();
         }
@@ -295,30 +459,51 @@ impl Link {
 
     /// Queues packets (each already a whole frame: length prefix and body) for sending.
     /// Returns false when the queue is above its high-water mark: the caller should stop
-    /// and wait for [`LinkEvents::writable`].
+    /// and wait for [`LinkEvents::writable`]. Pauses asked for are ignored here; see
+    /// [`Link::send_packets`].
     pub fn send(&self, frames: Bytes, packets: u64) -> bool {
-        let len = frames.len();
+        !self.send_packets(frames, packets).busy
+    }
+
+    /// Queues packets behind a barrier, whoever sent them: the peer delivers none of them
+    /// before everything queued before on any lane (tooling that needs an "everything
+    /// before this has been judged" mark on a link, such as the red-team suite).
+    pub fn send_barrier(&self, frames: Bytes, packets: u64) -> bool {
         let shared = &self.shared;
         shared
             .stats
             .packets_out
             .fetch_add(packets, Ordering::Relaxed);
-        let queued = shared.queued.fetch_add(len, Ordering::SeqCst) + len;
-        if self.writer.send(Outgoing::Frames(frames)).is_err() {
-            return true; // the link is closing; the closed event will follow
-        }
+        observe_outgoing(shared, &frames);
+        route(shared, frames, true, &|lane| {
+            Some(self.writers[lane].clone())
+        });
+        shared.queued.load(Ordering::SeqCst) <= shared.carrier.settings.send_high_water
+    }
+
+    /// Queues packets (each already a whole frame: length prefix and body), each on the
+    /// lane of its sending process, and says whether the caller should stop, and which
+    /// processes should pause.
+    pub fn send_packets(&self, frames: Bytes, packets: u64) -> Sent {
+        let shared = &self.shared;
+        shared
+            .stats
+            .packets_out
+            .fetch_add(packets, Ordering::Relaxed);
+        observe_outgoing(shared, &frames);
+        let (_, pause) = route(shared, frames, false, &|lane| {
+            Some(self.writers[lane].clone())
+        });
+        let queued = shared.queued.load(Ordering::SeqCst);
         let settings = &shared.carrier.settings;
         if queued <= settings.send_high_water {
-            return true;
+            return Sent { busy: false, pause };
         }
         shared.blocked.store(true, Ordering::SeqCst);
-        // The writer may have drained below low water before `blocked` was visible to it.
-        if shared.queued.load(Ordering::SeqCst) <= settings.send_low_water
-            && shared.blocked.swap(false, Ordering::SeqCst)
-        {
-            return true;
-        }
-        false
+        // The writers may have drained below low water before `blocked` was visible.
+        let busy = !(shared.queued.load(Ordering::SeqCst) <= settings.send_low_water
+            && shared.blocked.swap(false, Ordering::SeqCst));
+        Sent { busy, pause }
     }
 
     /// Sends a tick on the tick stream.
@@ -331,8 +516,7 @@ impl Link {
     /// status or exit signal a node sends is not lost to the close. `reason` is sent to
     /// the peer.
     pub fn close(&self, reason: &str) {
-        if self
-            .writer
+        if self.writers[0]
             .send(Outgoing::Close(reason.to_owned()))
             .is_err()
         {
@@ -646,9 +830,10 @@ fn spawn_link(
     pending: VecDeque<Vec<u8>>,
     guard: NameGuard,
 ) -> Link {
-    let (writer_tx, writer_rx) = mpsc::unbounded_channel();
+    let (writer_txs, writer_rxs): (Vec<_>, Vec<_>) =
+        (0..LANES).map(|_| mpsc::unbounded_channel()).unzip();
     let shared = Arc::new(Shared {
-        answers: writer_tx.downgrade(),
+        writers: writer_txs.iter().map(|w| w.downgrade()).collect(),
         carrier,
         connection: connection.clone(),
         peer,
@@ -666,6 +851,23 @@ fn spawn_link(
             reported: 0,
             suppressed: 0,
         }),
+        lanes: Mutex::new(SendLanes {
+            data_phase: false,
+            salt: {
+                use std::hash::{BuildHasher, Hasher};
+                std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish()
+            },
+            sent: [0; LANES],
+            queued: [0; LANES],
+            paused: (0..LANES).map(|_| Vec::new()).collect(),
+        }),
+        inbox: Mutex::new(Inbox::default()),
+        arrived: tokio::sync::Notify::new(),
+        room: tokio::sync::Notify::new(),
+        data_started: AtomicBool::new(false),
+        started: tokio::sync::Notify::new(),
     });
     if let Ok(mut links) = shared.carrier.links.lock() {
         links.retain(|l| l.strong_count() > 0);
@@ -674,9 +876,12 @@ fn spawn_link(
     tokio::spawn(end_at_expiry(Arc::downgrade(&shared)));
     let (tick_tx, tick_rx) = mpsc::unbounded_channel();
     let (reader_tx, reader_rx) = mpsc::unbounded_channel();
-    tokio::spawn(writer(shared.clone(), send, writer_rx));
+    let mut first = Some(send);
+    for (lane, rx) in writer_rxs.into_iter().enumerate() {
+        tokio::spawn(writer(shared.clone(), lane, first.take(), rx));
+    }
     tokio::spawn(ticker(shared.clone(), tick_rx));
-    tokio::spawn(tick_reader(shared.clone()));
+    tokio::spawn(accept_streams(shared.clone()));
     let reading = shared.clone();
     tokio::spawn(async move {
         let (code, reason) = reader(&reading, recv, reader_rx, decoder, pending, guard).await;
@@ -684,7 +889,7 @@ fn spawn_link(
     });
     Link {
         shared,
-        writer: writer_tx,
+        writers: writer_txs,
         ticker: tick_tx,
         reader: reader_tx,
     }
@@ -725,64 +930,263 @@ async fn end_at_expiry(link: std::sync::Weak<Shared>) {
     }
 }
 
-/// What the writer task is asked to do, in order.
+/// What a lane's writer task is asked to do, in order.
 enum Outgoing {
-    Frames(Bytes),
-    /// A packet the filter writes itself (an answer to a refused request): not observed
-    /// as a grant.
-    Answer(Bytes),
-    /// Finish the stream, wait for the peer to have it all, then close the connection.
+    /// Whole frames, length prefixes included.
+    Frames(Vec<Bytes>),
+    /// Lane 0 only: finish every lane, wait for the peer to have it all (bounded), then
+    /// close the connection.
     Close(String),
+    /// Lanes 1..: finish the stream once what came before is written, wait (bounded) for
+    /// the peer to have it, then say so.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Frames split by lane: slices of one buffer, a run of adjacent frames of one lane kept
+/// as one slice.
+struct Split<'a> {
+    frames: &'a Bytes,
+    chunks: Vec<Vec<Bytes>>,
+    /// Where the last slice given to each lane starts and ends.
+    runs: [Option<(usize, usize)>; LANES],
+    bytes: [usize; LANES],
+}
+
+impl<'a> Split<'a> {
+    fn new(frames: &'a Bytes) -> Self {
+        Split {
+            frames,
+            chunks: (0..LANES).map(|_| Vec::new()).collect(),
+            runs: [None; LANES],
+            bytes: [0; LANES],
+        }
+    }
+
+    fn put(&mut self, lane: usize, start: usize, end: usize) {
+        self.bytes[lane] += end - start;
+        match self.runs[lane] {
+            Some((run_start, run_end)) if run_end == start => {
+                if let Some(last) = self.chunks[lane].last_mut() {
+                    *last = self.frames.slice(run_start..end);
+                }
+                self.runs[lane] = Some((run_start, end));
+            }
+            _ => {
+                self.chunks[lane].push(self.frames.slice(start..end));
+                self.runs[lane] = Some((start, end));
+            }
+        }
+    }
+
+    fn put_owned(&mut self, lane: usize, frame: Bytes) {
+        self.bytes[lane] += frame.len();
+        self.chunks[lane].push(frame);
+        self.runs[lane] = None;
+    }
+}
+
+/// Splits whole frames by lane and hands each lane's share to its writer, under the lane
+/// lock so that each lane's order and the counts a barrier carries agree. Returns the
+/// bytes queued and the senders to pause.
+fn route(
+    shared: &Shared,
+    frames: Bytes,
+    all_behind_barrier: bool,
+    writer: &dyn Fn(usize) -> Option<mpsc::UnboundedSender<Outgoing>>,
+) -> (usize, Vec<Vec<u8>>) {
+    let Ok(mut state) = shared.lanes.lock() else {
+        return (0, Vec::new());
+    };
+    let mut split = Split::new(&frames);
+    let mut senders: Vec<(usize, &[u8])> = Vec::new();
+    if !state.data_phase {
+        split.put(0, 0, frames.len());
+    } else {
+        let mut pos = 0;
+        while pos + frame::HEADER_BYTES <= frames.len() {
+            let len = u32::from_be_bytes([
+                frames[pos],
+                frames[pos + 1],
+                frames[pos + 2],
+                frames[pos + 3],
+            ]) as usize;
+            let end = (pos + frame::HEADER_BYTES + len).min(frames.len());
+            let body = &frames[pos + frame::HEADER_BYTES..end];
+            let lane = if all_behind_barrier {
+                Lane::Barrier
+            } else {
+                lanes::lane_of(body, state.salt)
+            };
+            match lane {
+                _ if body.is_empty() => split.put(0, pos, end),
+                Lane::Sender { lane, pid } => {
+                    split.put(lane, pos, end);
+                    state.sent[lane] += 1;
+                    if !senders.contains(&(lane, pid)) {
+                        senders.push((lane, pid));
+                    }
+                }
+                Lane::Barrier => {
+                    if state.sent[1..].iter().any(|&n| n > 0) {
+                        let mut marker = Vec::with_capacity(frame::HEADER_BYTES + 1 + 8 * LANES);
+                        write_frame(&mut marker, &lanes::encode_barrier(&state.sent));
+                        split.put_owned(0, Bytes::from(marker));
+                    }
+                    split.put(0, pos, end);
+                    state.sent[0] += 1;
+                }
+            }
+            pos = end;
+        }
+    }
+    let Split { chunks, bytes, .. } = split;
+    let mut total = 0;
+    for (lane, chunk) in chunks.into_iter().enumerate() {
+        if chunk.is_empty() {
+            continue;
+        }
+        let Some(tx) = writer(lane) else {
+            continue;
+        };
+        state.queued[lane] += bytes[lane];
+        shared.queued.fetch_add(bytes[lane], Ordering::SeqCst);
+        if tx.send(Outgoing::Frames(chunk)).is_err() {
+            // The link is closing; the closed event will follow.
+            state.queued[lane] -= bytes[lane];
+            shared.queued.fetch_sub(bytes[lane], Ordering::SeqCst);
+            continue;
+        }
+        total += bytes[lane];
+    }
+    let mut pause = Vec::new();
+    for (lane, pid) in senders {
+        if state.queued[lane] > LANE_HIGH_WATER && !state.paused[lane].iter().any(|p| p == pid) {
+            state.paused[lane].push(pid.to_vec());
+            pause.push(pid.to_vec());
+        }
+    }
+    (total, pause)
 }
 
 async fn writer(
     shared: Arc<Shared>,
-    mut send: quinn::SendStream,
+    lane: usize,
+    mut stream: Option<quinn::SendStream>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    let mut low_priority = false;
     while let Some(first) = rx.recv().await {
         let mut closing = None;
-        let take = |item: Outgoing, batch: &mut Vec<Bytes>, closing: &mut Option<String>| match item
-        {
-            Outgoing::Frames(frames) => {
-                observe_outgoing(&shared, &frames);
-                batch.push(frames);
-            }
-            Outgoing::Answer(frame) => batch.push(frame),
-            Outgoing::Close(reason) => *closing = Some(reason),
-        };
-        take(first, &mut batch, &mut closing);
-        while batch.len() < 64 && closing.is_none() {
+        let mut flush = None;
+        let take =
+            |item: Outgoing,
+             batch: &mut Vec<Bytes>,
+             closing: &mut Option<String>,
+             flush: &mut Option<tokio::sync::oneshot::Sender<()>>| match item {
+                Outgoing::Frames(frames) => batch.extend(frames),
+                Outgoing::Close(reason) => *closing = Some(reason),
+                Outgoing::Flush(done) => *flush = Some(done),
+            };
+        take(first, &mut batch, &mut closing, &mut flush);
+        while batch.len() < 64 && closing.is_none() && flush.is_none() {
             match rx.try_recv() {
-                Ok(item) => take(item, &mut batch, &mut closing),
+                Ok(item) => take(item, &mut batch, &mut closing, &mut flush),
                 Err(_) => break,
             }
         }
+        if stream.is_none() && (!batch.is_empty() || closing.is_some()) {
+            // Lanes 1.. open their stream on first use; its first byte names the lane.
+            let opened = match shared.connection.open_uni().await {
+                Ok(mut s) => s.write_all(&[lane as u8]).await.map(|_| s).ok(),
+                Err(_) => None,
+            };
+            match opened {
+                Some(s) => stream = Some(s),
+                None => {
+                    shared.close(CLOSE_NORMAL, "cannot open a lane stream");
+                    return;
+                }
+            }
+        }
+        let len: usize = batch.iter().map(|b| b.len()).sum();
         if let Some(reason) = closing {
-            let _ = send.write_all_chunks(&mut batch).await;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, send.stopped()).await;
+            // Every other lane first: each finishes its stream and waits for the peer to
+            // have it, so the last signals of any process reach the peer before the close.
+            let mut waits = Vec::new();
+            for other in shared.writers.iter().skip(1).filter_map(|w| w.upgrade()) {
+                let (done, wait) = tokio::sync::oneshot::channel();
+                if other.send(Outgoing::Flush(done)).is_ok() {
+                    waits.push(wait);
+                }
+            }
+            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
+                for wait in waits {
+                    let _ = wait.await;
+                }
+            })
+            .await;
+            if let Some(send) = stream.as_mut() {
+                let _ = send.write_all_chunks(&mut batch).await;
+                let _ = send.finish();
+                let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, send.stopped()).await;
+            }
             shared.close(CLOSE_NORMAL, &reason);
             return;
         }
-        let len: usize = batch.iter().map(|b| b.len()).sum();
-        if let Err(e) = send.write_all_chunks(&mut batch).await {
-            shared.close(CLOSE_NORMAL, &format!("write failed: {e}"));
-            return;
+        if let Some(send) = stream.as_mut() {
+            if let Err(e) = send.write_all_chunks(&mut batch).await {
+                shared.close(CLOSE_NORMAL, &format!("write failed: {e}"));
+                return;
+            }
         }
         batch.clear();
-        shared
-            .stats
-            .bytes_out
-            .fetch_add(len as u64, Ordering::Relaxed);
-        let queued = shared.queued.fetch_sub(len, Ordering::SeqCst) - len;
-        if queued <= shared.carrier.settings.send_low_water
-            && shared.blocked.load(Ordering::SeqCst)
-            && shared.blocked.swap(false, Ordering::SeqCst)
-            && !shared.events.writable()
-        {
-            shared.close(CLOSE_NORMAL, "the distribution controller is gone");
+        if len > 0 {
+            shared
+                .stats
+                .bytes_out
+                .fetch_add(len as u64, Ordering::Relaxed);
+            let (lane_queued, resume) = match shared.lanes.lock() {
+                Ok(mut state) => {
+                    state.queued[lane] = state.queued[lane].saturating_sub(len);
+                    let resume = if state.queued[lane] <= LANE_LOW_WATER {
+                        std::mem::take(&mut state.paused[lane])
+                    } else {
+                        Vec::new()
+                    };
+                    (state.queued[lane], resume)
+                }
+                Err(_) => (0, Vec::new()),
+            };
+            // A lane with a backlog yields to the others in QUIC's scheduling: a quiet
+            // process's packet goes out before the next bulk chunk.
+            let behind = lane_queued > LANE_LOW_WATER;
+            if behind != low_priority {
+                if let Some(send) = stream.as_ref() {
+                    let _ = send.set_priority(if behind { -1 } else { 0 });
+                }
+                low_priority = behind;
+            }
+            if !resume.is_empty() && !shared.events.resume(resume) {
+                shared.close(CLOSE_NORMAL, "the distribution controller is gone");
+                return;
+            }
+            let queued = shared.queued.fetch_sub(len, Ordering::SeqCst) - len;
+            if queued <= shared.carrier.settings.send_low_water
+                && shared.blocked.load(Ordering::SeqCst)
+                && shared.blocked.swap(false, Ordering::SeqCst)
+                && !shared.events.writable()
+            {
+                shared.close(CLOSE_NORMAL, "the distribution controller is gone");
+                return;
+            }
+        }
+        if let Some(done) = flush {
+            if let Some(send) = stream.as_mut() {
+                let _ = send.finish();
+                let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, send.stopped()).await;
+            }
+            let _ = done.send(());
             return;
         }
     }
@@ -793,9 +1197,12 @@ async fn ticker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<()>) {
     while rx.recv().await.is_some() {
         if stream.is_none() {
             match shared.connection.open_uni().await {
-                Ok(s) => {
+                Ok(mut s) => {
                     // Ticks go ahead of bulk data when both are waiting.
                     let _ = s.set_priority(1);
+                    if s.write_all(&[lanes::stream_kind::TICKS]).await.is_err() {
+                        return;
+                    }
                     stream = Some(s);
                 }
                 Err(_) => return,
@@ -810,14 +1217,136 @@ async fn ticker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<()>) {
     }
 }
 
-async fn tick_reader(shared: Arc<Shared>) {
-    let Ok(mut stream) = shared.connection.accept_uni().await else {
-        return;
-    };
+/// Takes the peer's unidirectional streams: its tick stream and its lanes 1.., each
+/// named by its first byte. A second stream of one kind, or an unknown kind, is a
+/// protocol error.
+async fn accept_streams(shared: Arc<Shared>) {
+    while let Ok(mut stream) = shared.connection.accept_uni().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut kind = [0u8; 1];
+            if stream.read_exact(&mut kind).await.is_err() {
+                return;
+            }
+            let kind = usize::from(kind[0]);
+            let claimed = shared
+                .inbox
+                .lock()
+                .map(|mut inbox| {
+                    if kind == usize::from(lanes::stream_kind::TICKS) {
+                        !std::mem::replace(&mut inbox.ticks_opened, true)
+                    } else if kind < LANES {
+                        !std::mem::replace(&mut inbox.opened[kind], true)
+                    } else {
+                        false
+                    }
+                })
+                .unwrap_or(false);
+            match claimed {
+                true if kind == usize::from(lanes::stream_kind::TICKS) => {
+                    tick_reader(&shared, stream).await
+                }
+                true => {
+                    if let Err(why) = lane_reader(&shared, kind, stream).await {
+                        shared.close(CLOSE_PROTOCOL, &why);
+                    }
+                    if let Ok(mut inbox) = shared.inbox.lock() {
+                        inbox.ended[kind] = true;
+                    }
+                    shared.arrived.notify_one();
+                }
+                _ => shared.close(
+                    CLOSE_PROTOCOL,
+                    &format!("peer opened a second or unknown stream (kind {kind})"),
+                ),
+            }
+        });
+    }
+}
+
+async fn tick_reader(shared: &Shared, mut stream: quinn::RecvStream) {
     let mut buf = [0u8; 64];
     while let Ok(Some(n)) = stream.read(&mut buf).await {
         shared.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         shared.stats.ticks_in.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Reads one lane's stream into the inbox, at most [`LANE_READ_AHEAD`] ahead of the VM,
+/// until the peer finishes it. Returns why the link must close, if it must.
+async fn lane_reader(
+    shared: &Shared,
+    lane: usize,
+    mut stream: quinn::RecvStream,
+) -> Result<(), String> {
+    // Nothing is read before the data phase: a restricted link's limits apply from then.
+    loop {
+        let started = shared.started.notified();
+        if shared.data_started.load(Ordering::SeqCst) {
+            break;
+        }
+        started.await;
+    }
+    let mut decoder = FrameDecoder::new(shared.carrier.settings.max_frame);
+    if let Ok(Some(filter)) = shared.filter.lock().as_deref() {
+        decoder
+            .set_discard_above(u32::try_from(filter.policy().max_message_size).unwrap_or(u32::MAX));
+    }
+    let mut frames = Vec::new();
+    loop {
+        loop {
+            let room = shared.room.notified();
+            let full = shared
+                .inbox
+                .lock()
+                .map(|inbox| inbox.bytes[lane] >= LANE_READ_AHEAD)
+                .unwrap_or(false);
+            if !full {
+                break;
+            }
+            room.await;
+        }
+        let chunk = match stream.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return Ok(()),
+            Err(quinn::ReadError::ConnectionLost(_)) => return Ok(()),
+            Err(e) => return Err(describe_read_error(&e)),
+        };
+        shared
+            .stats
+            .bytes_in
+            .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+        let mut input = &chunk.bytes[..];
+        while !input.is_empty() {
+            let (used, frame) = decoder.decode(input).map_err(|e| e.to_string())?;
+            input = &input[used..];
+            if let Some(frame) = frame {
+                frames.push(frame);
+            }
+        }
+        let thrown = decoder.take_discarded();
+        let Ok(mut inbox) = shared.inbox.lock() else {
+            return Err("link inbox lost".into());
+        };
+        for frame in frames.drain(..) {
+            if frame.is_empty() {
+                shared.stats.ticks_in.fetch_add(1, Ordering::Relaxed);
+            } else if lanes::is_barrier(&frame) {
+                return Err(format!(
+                    "barrier marker on lane {lane} (only lane 0 carries them)"
+                ));
+            } else {
+                inbox.push(lane, Item::Packet(frame));
+            }
+        }
+        for _ in &thrown {
+            inbox.push(lane, Item::Discarded);
+        }
+        drop(inbox);
+        if !thrown.is_empty() {
+            discarded(shared, thrown);
+        }
+        shared.arrived.notify_one();
     }
 }
 
@@ -904,16 +1433,11 @@ fn send_answer(shared: &Shared, answer: Vec<u8>) {
     {
         return;
     }
-    let Some(writer) = shared.answers.upgrade() else {
-        return;
-    };
     let mut frame = Vec::with_capacity(frame::HEADER_BYTES + answer.len());
     write_frame(&mut frame, &answer);
-    let len = frame.len();
-    shared.queued.fetch_add(len, Ordering::SeqCst);
-    if writer.send(Outgoing::Answer(Bytes::from(frame))).is_err() {
-        shared.queued.fetch_sub(len, Ordering::SeqCst);
-    }
+    route(shared, Bytes::from(frame), false, &|lane| {
+        shared.writers[lane].upgrade()
+    });
 }
 
 fn report_denial(shared: &Shared, decision: &Decision) {
@@ -975,6 +1499,155 @@ fn discarded(shared: &Shared, lengths: Vec<usize>) {
     }
 }
 
+/// Moves lane 0's frames, read since the last pass, into the inbox: packets, and barrier
+/// markers as barriers.
+fn lane0_to_inbox(shared: &Shared, pending: &mut VecDeque<Vec<u8>>) -> Result<(), String> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let Ok(mut inbox) = shared.inbox.lock() else {
+        return Err("link inbox lost".into());
+    };
+    lane0_to_inbox_locked(shared, &mut inbox, pending)
+}
+
+fn lane0_to_inbox_locked(
+    shared: &Shared,
+    inbox: &mut Inbox,
+    pending: &mut VecDeque<Vec<u8>>,
+) -> Result<(), String> {
+    for frame in pending.drain(..) {
+        if frame.is_empty() {
+            shared.stats.ticks_in.fetch_add(1, Ordering::Relaxed);
+        } else if lanes::is_barrier(&frame) {
+            let counts = lanes::decode_barrier(&frame).ok_or("malformed barrier marker")?;
+            inbox.push(0, Item::Barrier(Box::new(counts)));
+        } else {
+            inbox.push(0, Item::Packet(frame));
+        }
+    }
+    Ok(())
+}
+
+/// What one delivery pass did.
+#[derive(Default)]
+struct Pass {
+    /// Something was taken from a lane.
+    progress: bool,
+    /// A lane had a packet waiting that its credit did not allow.
+    credit_blocked: bool,
+    /// The filter ended the link, after what was judged deliverable before went up.
+    close: Option<String>,
+}
+
+/// Hands the VM one batch from the lanes: each lane's packets in order, every lane within
+/// its credit (unless `drain`), a barrier only once every lane has delivered what it
+/// counts. Lanes take turns from `start`, so none waits behind another's backlog.
+fn deliver(shared: &Shared, start: &mut usize, drain: bool) -> Pass {
+    let credit = shared.carrier.settings.recv_credit;
+    let mut pass = Pass::default();
+    let mut batch = Vec::new();
+    let mut taken = [0usize; LANES];
+    let mut taken_total = 0usize;
+    {
+        let (Ok(mut inbox), Ok(mut book)) = (shared.inbox.lock(), shared.credit.book.lock()) else {
+            pass.close = Some("link inbox lost".into());
+            return pass;
+        };
+        'passes: loop {
+            let mut moved = false;
+            for k in 0..LANES {
+                let lane = (*start + k) % LANES;
+                while batch.len() < MAX_BATCH && taken_total < MAX_BATCH_BYTES {
+                    let ready = match inbox.lanes[lane].front() {
+                        None => break,
+                        Some(Item::Barrier(counts)) => inbox.barrier_met(counts),
+                        Some(Item::Discarded) => true,
+                        Some(Item::Packet(_)) => {
+                            drain || book.allows(lane, taken[lane], taken_total, credit)
+                        }
+                    };
+                    if !ready {
+                        if matches!(inbox.lanes[lane].front(), Some(Item::Packet(_))) {
+                            pass.credit_blocked = true;
+                        }
+                        break;
+                    }
+                    moved = true;
+                    match inbox.lanes[lane].pop_front() {
+                        Some(Item::Barrier(_)) | None => {}
+                        Some(Item::Discarded) => inbox.delivered[lane] += 1,
+                        Some(Item::Packet(packet)) => {
+                            inbox.bytes[lane] -= packet.len();
+                            inbox.delivered[lane] += 1;
+                            match judge(shared, packet) {
+                                Judged::Deliver(packet) => {
+                                    taken[lane] += packet.len();
+                                    taken_total += packet.len();
+                                    batch.push(packet);
+                                }
+                                Judged::Skip => {}
+                                Judged::Close(why) => {
+                                    pass.close = Some(why);
+                                    break 'passes;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            pass.progress |= moved;
+            // Another round only if this one moved something that may meet a barrier.
+            if !moved || batch.len() >= MAX_BATCH || taken_total >= MAX_BATCH_BYTES {
+                break;
+            }
+        }
+        *start = (*start + 1) % LANES;
+        if !batch.is_empty() {
+            let mut settled = Vec::new();
+            for (lane, &n) in taken.iter().enumerate() {
+                if n > 0 {
+                    book.outstanding[lane] += n;
+                    settled.push((lane, n));
+                }
+            }
+            book.total += taken_total;
+            book.batches.push_back(settled);
+        }
+    }
+    if pass.progress {
+        shared.room.notify_waiters();
+    }
+    if !batch.is_empty() {
+        shared
+            .stats
+            .packets_in
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if !shared.events.packets(batch) && pass.close.is_none() {
+            pass.close = Some("the distribution input handler is gone".into());
+        }
+    }
+    pass
+}
+
+/// After the peer ended the link: what its lanes still bring (bounded in time), then
+/// everything deliverable, beyond credit, as a TCP socket's last bytes would be.
+async fn drain_lanes(shared: &Shared, start: &mut usize) {
+    let deadline = tokio::time::Instant::now() + CLOSE_FLUSH_TIMEOUT;
+    loop {
+        let arrived = shared.arrived.notified();
+        let waiting = shared
+            .inbox
+            .lock()
+            .map(|inbox| (1..LANES).any(|l| inbox.opened[l] && !inbox.ended[l]))
+            .unwrap_or(false);
+        if !waiting || tokio::time::timeout_at(deadline, arrived).await.is_err() {
+            break;
+        }
+    }
+    while deliver(shared, start, true).progress {}
+}
+
 /// Runs until the link ends and returns the close code and reason.
 async fn reader(
     shared: &Shared,
@@ -984,17 +1657,16 @@ async fn reader(
     mut pending: VecDeque<Vec<u8>>,
     mut guard: NameGuard,
 ) -> (u32, String) {
-    let credit = shared.carrier.settings.recv_credit;
     // Some(()) once the data phase has started.
     let mut link: Option<()> = None;
     let mut requested = 0usize;
-    let outstanding = || shared.credit.outstanding.load(Ordering::SeqCst);
     // On the accepting side the first frame was checked before the link was reported;
     // frames still pending behind it are checked here, as are all frames on the
     // connecting side.
     let mut checked = pending.len().min(usize::from(guard.is_done()));
     let mut frames = Vec::new();
     let mut ended: Option<(u32, String)> = None;
+    let mut start = 0usize;
     loop {
         while checked < pending.len() && !guard.is_done() {
             if let Err(e) = guard.on_peer_frame(&pending[checked]) {
@@ -1010,6 +1682,7 @@ async fn reader(
         if guard.is_done() {
             checked = pending.len();
         }
+        let mut credit_blocked = false;
         match &link {
             None => {
                 while requested > 0 && checked > 0 {
@@ -1032,40 +1705,21 @@ async fn reader(
                 }
             }
             Some(()) => {
-                if outstanding() < credit && !pending.is_empty() {
-                    let mut batch = Vec::with_capacity(pending.len().min(MAX_BATCH));
-                    let mut taken = 0usize;
-                    while outstanding() + taken < credit && batch.len() < MAX_BATCH {
-                        let Some(packet) = pending.pop_front() else {
-                            break;
-                        };
-                        match judge(shared, packet) {
-                            Judged::Deliver(packet) => {
-                                taken += packet.len();
-                                batch.push(packet);
-                            }
-                            Judged::Skip => {}
-                            Judged::Close(why) => {
-                                // What was judged deliverable before still goes up.
-                                if !batch.is_empty() {
-                                    shared.events.packets(batch);
-                                }
-                                return (CLOSE_PROTOCOL, why);
-                            }
-                        }
+                if let Err(why) = lane0_to_inbox(shared, &mut pending) {
+                    return (CLOSE_PROTOCOL, why);
+                }
+                checked = 0;
+                if ended.is_none() {
+                    let pass = deliver(shared, &mut start, false);
+                    if let Some(why) = pass.close {
+                        return (CLOSE_PROTOCOL, why);
                     }
-                    shared.credit.outstanding.fetch_add(taken, Ordering::SeqCst);
-                    checked = pending.len();
-                    shared
-                        .stats
-                        .packets_in
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    if !batch.is_empty() && !shared.events.packets(batch) {
-                        return (
-                            CLOSE_NORMAL,
-                            "the distribution input handler is gone".into(),
-                        );
+                    if pass.progress {
+                        // More may be deliverable now; let the runtime breathe first.
+                        tokio::task::yield_now().await;
+                        continue;
                     }
+                    credit_blocked = pass.credit_blocked;
                 }
             }
         }
@@ -1079,39 +1733,22 @@ async fn reader(
                 None if pending.is_empty() => return (*code, reason.clone()),
                 None => {}
                 Some(()) => {
-                    let mut batch = Vec::with_capacity(pending.len());
-                    for packet in pending.drain(..) {
-                        match judge(shared, packet) {
-                            Judged::Deliver(packet) => batch.push(packet),
-                            Judged::Skip => {}
-                            Judged::Close(_) => break,
-                        }
-                    }
-                    shared
-                        .stats
-                        .packets_in
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    if !batch.is_empty() {
-                        shared.events.packets(batch);
-                    }
+                    drain_lanes(shared, &mut start).await;
                     return (*code, reason.clone());
                 }
             }
         }
         // Out of credit: sleep until an ack brings some back. Announce it first, then look
-        // again, and decide on reading from that same look, so an ack that lands in
-        // between is never missed (acks only ever lower `outstanding`).
-        let mut starved = link.is_some() && outstanding() >= credit;
-        if starved {
+        // again, so an ack that lands in between is never missed.
+        if credit_blocked {
             shared.credit.waiting.store(true, Ordering::SeqCst);
-            starved = outstanding() >= credit;
-        }
-        if link.is_some() && !pending.is_empty() && !starved {
-            // Packets wait and credit remains (a batch went up, or an ack just came):
-            // hand up the next batch now; sleeping here would wait for an ack that may
-            // never be owed.
-            tokio::task::yield_now().await;
-            continue;
+            let pass = deliver(shared, &mut start, false);
+            if let Some(why) = pass.close {
+                return (CLOSE_PROTOCOL, why);
+            }
+            if pass.progress {
+                continue;
+            }
         }
         let want_read = ended.is_none()
             && match &link {
@@ -1121,8 +1758,13 @@ async fn reader(
                     pending.iter().map(Vec::len).sum::<usize>() + decoder.partial_bytes()
                         < PRE_START_BUFFER
                 }
-                Some(_) => pending.is_empty() && !starved,
+                Some(_) => shared
+                    .inbox
+                    .lock()
+                    .map(|inbox| inbox.bytes[0] < LANE_READ_AHEAD)
+                    .unwrap_or(false),
             };
+        let in_data = link.is_some();
         tokio::select! {
             command = commands.recv() => match command {
                 None => return (CLOSE_NORMAL, "link released".into()),
@@ -1135,7 +1777,8 @@ async fn reader(
                     link = Some(());
                 }
             },
-            _ = shared.credit.returned.notified(), if starved => {}
+            _ = shared.credit.returned.notified(), if credit_blocked => {}
+            _ = shared.arrived.notified(), if in_data => {}
             chunk = recv.read_chunk(READ_CHUNK, true), if want_read => match chunk {
                 Ok(Some(chunk)) => {
                     shared.stats.bytes_in.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
@@ -1143,15 +1786,23 @@ async fn reader(
                         return (CLOSE_PROTOCOL, e.to_string());
                     }
                     let thrown = decoder.take_discarded();
-                    if !thrown.is_empty() {
-                        discarded(shared, thrown);
-                    }
                     for frame in frames.drain(..) {
                         if frame.is_empty() {
                             shared.stats.ticks_in.fetch_add(1, Ordering::Relaxed);
                         } else {
                             pending.push_back(frame);
                         }
+                    }
+                    if !thrown.is_empty() {
+                        if let Ok(mut inbox) = shared.inbox.lock() {
+                            if let Err(why) = lane0_to_inbox_locked(shared, &mut inbox, &mut pending) {
+                                return (CLOSE_PROTOCOL, why);
+                            }
+                            for _ in &thrown {
+                                inbox.push(0, Item::Discarded);
+                            }
+                        }
+                        discarded(shared, thrown);
                     }
                 }
                 Ok(None) => {

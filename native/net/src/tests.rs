@@ -407,17 +407,21 @@ fn send_challenge(challenge: u32, creation: u32, name: &str) -> Vec<u8> {
     m
 }
 
-/// A packet that says which one it is: its index, then `len - 4` bytes derived from it.
+/// A packet that says which one it is: the version byte every distribution packet starts
+/// with (so it is never taken for a lane marker), its index, then bytes derived from it.
 fn numbered(i: usize, len: usize) -> Vec<u8> {
-    let mut p = (i as u32).to_be_bytes().to_vec();
-    p.extend((4..len.max(4)).map(|j| (i.wrapping_mul(31) ^ j) as u8));
+    let mut p = vec![131];
+    p.extend_from_slice(&(i as u32).to_be_bytes());
+    p.extend((5..len.max(5)).map(|j| (i.wrapping_mul(31) ^ j) as u8));
     p
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so a corrupted or shifted byte shows.
+/// Deterministic pseudo-random bytes (xorshift), so a corrupted or shifted byte shows;
+/// the first is the version byte, as in a distribution packet.
 fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
     let mut out = Vec::with_capacity(len + 8);
+    out.push(131);
     while out.len() < len {
         x ^= x << 13;
         x ^= x >> 7;
@@ -707,9 +711,9 @@ fn unacked_packets_hold_the_sender_back_until_acks_resume() {
         }
     }
     assert!(a_end.link.queued_bytes() > 256 * 1024);
-    // QUIC's stream window is 16 MiB: the sender stopped because b stopped reading, not
+    // QUIC's stream window is 8 MiB: the sender stopped because b stopped reading, not
     // because its own queue filled (1 MiB).
-    assert!(sent.len() * SIZE >= 16 * 1024 * 1024, "{} sent", sent.len());
+    assert!(sent.len() * SIZE >= 8 * 1024 * 1024, "{} sent", sent.len());
 
     // b was handed packets only while less than its credit was outstanding: 0 and 256 KiB.
     let mut handed = Vec::new();
@@ -745,8 +749,9 @@ fn unacked_packets_hold_the_sender_back_until_acks_resume() {
 fn packets_within_the_credit_flow_without_waiting_for_acks() {
     let (a, b) = two_nodes(settings(), settings());
     let (a_end, b_end) = link_up(&a, &b, A, B);
-    // One-byte packets: a single QUIC stream chunk then holds more frames than one batch.
-    let packets: Vec<Vec<u8>> = (0..20_000).map(|i| vec![i as u8]).collect();
+    // Two-byte packets (the version byte, then a counter): a single QUIC stream chunk
+    // then holds more frames than one batch.
+    let packets: Vec<Vec<u8>> = (0..20_000).map(|i| vec![131, i as u8]).collect();
     assert!(a_end.send(&packets.iter().map(Vec::as_slice).collect::<Vec<_>>()));
     let mut got = Vec::new();
     let deadline = Instant::now() + WAIT;
@@ -762,6 +767,137 @@ fn packets_within_the_credit_flow_without_waiting_for_acks() {
         }
     }
     assert!(got == packets);
+}
+
+/// A distribution packet as the VM writes it on a link without the atom cache:
+/// `SEND_SENDER` from pid `from` of node a, with `payload` as the message.
+fn send_sender(from: u32, payload: &[u8]) -> Vec<u8> {
+    use trust_dist_proto::control::answer;
+    use trust_dist_proto::etf::encode;
+    let mut message = Vec::new();
+    message.push(trust_dist_proto::etf::tag::BINARY);
+    message.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    message.extend_from_slice(payload);
+    answer::packet(
+        22,
+        &[&encode::pid(A, from, 0, 7), &encode::pid(B, 1, 0, 9)],
+        Some(&message),
+    )
+}
+
+/// Everything b is handed within [`QUIET`], without acking.
+fn handed_unacked(b_end: &End) -> Vec<Vec<u8>> {
+    let mut handed = Vec::new();
+    while let Some(event) = b_end.next(QUIET) {
+        match event {
+            Ev::Packets(batch) => handed.extend(batch),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    handed
+}
+
+/// Lanes: one process's bulk transfer, held back by the receiving VM (no acks), does not
+/// hold back other processes' packets on the same link.
+#[test]
+fn a_sender_held_back_by_credit_does_not_hold_back_others() {
+    const CREDIT: usize = 256 * 1024;
+    let (a, b) = two_nodes(
+        settings(),
+        Settings {
+            recv_credit: CREDIT,
+            ..settings()
+        },
+    );
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    let bulk: Vec<Vec<u8>> = (0..40)
+        .map(|i| send_sender(100, &noise(i, 64 * 1024)))
+        .collect();
+    assert!(a_end.send(&bulk.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+    let first = handed_unacked(&b_end);
+    assert!(
+        !first.is_empty() && first.len() < bulk.len(),
+        "{} of {} bulk packets handed up with no ack",
+        first.len(),
+        bulk.len()
+    );
+    // Sixteen other processes send one small message each. Each shares the bulk
+    // sender's lane with probability 1/32; the others must all get through now.
+    let small: Vec<Vec<u8>> = (0..16).map(|i| send_sender(200 + i, b"ping")).collect();
+    assert!(a_end.send(&small.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+    let overtaking = handed_unacked(&b_end);
+    assert!(
+        overtaking.iter().all(|p| small.contains(p)),
+        "a bulk packet was handed up beyond the credit"
+    );
+    assert!(
+        overtaking.len() >= 12,
+        "only {} of 16 small messages got past a held-back bulk transfer",
+        overtaking.len()
+    );
+    // Once the VM takes the bulk data, everything arrives, each sender's packets in order.
+    b_end.link.ack(first.iter().map(Vec::len).sum::<usize>());
+    b_end
+        .link
+        .ack(overtaking.iter().map(Vec::len).sum::<usize>());
+    let rest = b_end.receive(bulk.len() + small.len() - first.len() - overtaking.len());
+    let got: Vec<Vec<u8>> = first.into_iter().chain(overtaking).chain(rest).collect();
+    let bulk_got: Vec<&Vec<u8>> = got.iter().filter(|p| bulk.contains(p)).collect();
+    assert!(
+        bulk_got.iter().copied().eq(bulk.iter()),
+        "bulk packets reordered"
+    );
+    assert_eq!(got.len(), bulk.len() + small.len());
+}
+
+/// A signal that names no sending pid (here a DOWN for a monitor set by registered name)
+/// travels behind a barrier: it is never handed up before anything sent before it, on
+/// any lane, while later packets of other processes still pass.
+#[test]
+fn a_signal_without_a_sender_pid_waits_for_every_lane() {
+    use trust_dist_proto::control::answer;
+    use trust_dist_proto::etf::encode;
+    const CREDIT: usize = 256 * 1024;
+    let (a, b) = two_nodes(
+        settings(),
+        Settings {
+            recv_credit: CREDIT,
+            ..settings()
+        },
+    );
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    let bulk: Vec<Vec<u8>> = (0..40)
+        .map(|i| send_sender(100, &noise(i, 64 * 1024)))
+        .collect();
+    let down_by_name = answer::monitor_exit(
+        &encode::atom_term("registered"),
+        &encode::pid(B, 1, 0, 9),
+        &encode::reference(A, 7, &[1, 2, 3]),
+        "normal",
+    );
+    let later: Vec<Vec<u8>> = (0..16).map(|i| send_sender(200 + i, b"later")).collect();
+    let mut all: Vec<&[u8]> = bulk.iter().map(Vec::as_slice).collect();
+    all.push(&down_by_name);
+    all.extend(later.iter().map(Vec::as_slice));
+    assert!(a_end.send(&all));
+    let handed = handed_unacked(&b_end);
+    assert!(
+        !handed.contains(&down_by_name),
+        "the DOWN overtook bulk messages sent before it"
+    );
+    assert!(
+        handed.iter().filter(|p| later.contains(p)).count() >= 12,
+        "the barrier held back later packets of other lanes"
+    );
+    b_end.link.ack(handed.iter().map(Vec::len).sum::<usize>());
+    let rest = b_end.receive(all.len() - handed.len());
+    let got: Vec<Vec<u8>> = handed.into_iter().chain(rest).collect();
+    let down_at = got.iter().position(|p| *p == down_by_name).unwrap();
+    let last_bulk = got.iter().rposition(|p| bulk.contains(p)).unwrap();
+    assert!(
+        down_at > last_bulk,
+        "DOWN at {down_at}, a bulk packet at {last_bulk}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

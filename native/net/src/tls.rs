@@ -17,7 +17,9 @@ use std::sync::Arc;
 use trust_dist_proto::{PublicKey, SecretKey};
 
 /// Application protocol name: a peer that speaks anything else fails the TLS handshake.
-pub const ALPN: &[u8] = b"trust-dist/1";
+///
+/// Version 2: packets travel on lanes (see `trust_dist_proto::lanes`).
+pub const ALPN: &[u8] = b"trust-dist/2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {

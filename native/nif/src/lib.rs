@@ -22,7 +22,7 @@ use trust_dist_proto::{
 mod atoms {
     rustler::atoms! {
         ok, error, busy, closed,
-        trust_dist_hs, trust_dist_in, trust_dist_writable, trust_dist_closed,
+        trust_dist_hs, trust_dist_in, trust_dist_writable, trust_dist_closed, trust_dist_resume,
         trust_dist_accepted, trust_dist_connected, trust_dist_connect_failed, trust_dist_log,
         debug, info, notice, warning,
         certified_as, tier, fingerprint, mode, cross_tier, address, serial, not_after, issuer, full, restricted,
@@ -76,6 +76,13 @@ fn make_binary<'a>(env: Env<'a>, bytes: &[u8]) -> Option<Term<'a>> {
     Some(bin.release(env).encode(env))
 }
 
+/// A received packet as a binary of the VM's own (a copy: ERTS decodes the large
+/// binaries of a distribution message as sub-binaries of the packet, which it can only do
+/// for a binary it allocated, not for a resource binary).
+fn packet_binary(env: Env<'_>, packet: Vec<u8>) -> Option<Term<'_>> {
+    make_binary(env, &packet)
+}
+
 fn send_to(pid: Option<LocalPid>, build: impl for<'a> FnOnce(Env<'a>) -> Term<'a>) -> bool {
     let Some(pid) = pid else { return false };
     let mut env = OwnedEnv::new();
@@ -109,8 +116,8 @@ impl LinkEvents for BeamEvents {
         let mut allocated = true;
         let sent = env.send_and_clear(&pid, |env| {
             match packets
-                .iter()
-                .map(|p| make_binary(env, p))
+                .into_iter()
+                .map(|p| packet_binary(env, p))
                 .collect::<Option<Vec<Term>>>()
             {
                 Some(list) => (atoms::trust_dist_in(), list).encode(env),
@@ -126,6 +133,12 @@ impl LinkEvents for BeamEvents {
     fn writable(&self) -> bool {
         send_to(self.output(), |env| {
             (atoms::trust_dist_writable(),).encode(env)
+        })
+    }
+
+    fn resume(&self, pids: Vec<Vec<u8>>) -> bool {
+        send_to(self.output(), |env| {
+            (atoms::trust_dist_resume(), pid_terms(env, &pids)).encode(env)
         })
     }
 
@@ -676,12 +689,48 @@ fn recv_handshake(link: ResourceArc<LinkResource>) -> rustler::Atom {
 
 /// Queues packets for the peer. `packets` is a list whose elements are each one whole
 /// packet: a binary or a list of binaries (the iovec `dist_ctrl_get_data` returns).
-/// Returns `ok`, or `busy` when the caller must wait for `{trust_dist_writable}`.
+/// Returns `ok`, or `busy` when the caller must wait for `{trust_dist_writable}`; either
+/// as `{Status, Pids}` when the lanes of those sending processes are over their
+/// high-water mark: the caller pauses them until `{trust_dist_resume, Pids}`.
 #[rustler::nif]
-fn send(link: ResourceArc<LinkResource>, packets: Vec<Term>) -> NifResult<rustler::Atom> {
+fn send<'a>(
+    env: Env<'a>,
+    link: ResourceArc<LinkResource>,
+    packets: Vec<Term<'a>>,
+) -> NifResult<Term<'a>> {
+    let (frames, count) = frame_packets(&packets)?;
+    let sent = link.link.send_packets(frames, count);
+    let status = if sent.busy {
+        atoms::busy()
+    } else {
+        atoms::ok()
+    };
+    Ok(if sent.pause.is_empty() {
+        status.encode(env)
+    } else {
+        (status, pid_terms(env, &sent.pause)).encode(env)
+    })
+}
+
+/// Queues packets behind a barrier: the peer delivers none of them before everything
+/// queued before on any lane. `ok` or `busy`, as for send/2. For tooling and tests that
+/// need an "everything before this has been judged" mark on a link.
+#[rustler::nif]
+fn send_barrier(link: ResourceArc<LinkResource>, packets: Vec<Term>) -> NifResult<rustler::Atom> {
+    let (frames, count) = frame_packets(&packets)?;
+    Ok(if link.link.send_barrier(frames, count) {
+        atoms::ok()
+    } else {
+        atoms::busy()
+    })
+}
+
+/// Each packet (a binary or a list of binaries) as a length-prefixed frame, all in one
+/// buffer.
+fn frame_packets(packets: &[Term]) -> NifResult<(Bytes, u64)> {
     let mut parts: Vec<Vec<Binary>> = Vec::with_capacity(packets.len());
     let mut total = 0usize;
-    for packet in &packets {
+    for packet in packets {
         let chunks: Vec<Binary> = match packet.decode::<Binary>() {
             Ok(bin) => vec![bin],
             Err(_) => packet.decode::<Vec<Binary>>()?,
@@ -701,11 +750,20 @@ fn send(link: ResourceArc<LinkResource>, packets: Vec<Term>) -> NifResult<rustle
             buf.extend_from_slice(c.as_slice());
         }
     }
-    Ok(if link.link.send(Bytes::from(buf), parts.len() as u64) {
-        atoms::ok()
-    } else {
-        atoms::busy()
-    })
+    Ok((Bytes::from(buf), parts.len() as u64))
+}
+
+/// Pids from their external form as packets carry them (no version byte); any that do
+/// not decode are left out.
+fn pid_terms<'a>(env: Env<'a>, pids: &[Vec<u8>]) -> Vec<Term<'a>> {
+    pids.iter()
+        .filter_map(|pid| {
+            let mut external = Vec::with_capacity(1 + pid.len());
+            external.push(etf::VERSION);
+            external.extend_from_slice(pid);
+            env.binary_to_term(&external).map(|(term, _)| term)
+        })
+        .collect()
 }
 
 /// A pid's identity from its external form (`term_to_binary(Pid)`).
@@ -767,6 +825,32 @@ fn getstat(link: ResourceArc<LinkResource>) -> (rustler::Atom, u64, u64, usize) 
     )
 }
 
+/// QUIC's view of the link, for operators: path RTT, congestion window, losses, and the
+/// flow-control frames that show which side is holding data back.
+fn quic_stats<'a>(env: Env<'a>, q: &trust_dist_net::ConnectionStats) -> NifResult<Term<'a>> {
+    let fields: [(&str, u64); 14] = [
+        ("rtt_us", q.path.rtt.as_micros() as u64),
+        ("cwnd", q.path.cwnd),
+        ("mtu", u64::from(q.path.current_mtu)),
+        ("sent_packets", q.path.sent_packets),
+        ("lost_packets", q.path.lost_packets),
+        ("lost_bytes", q.path.lost_bytes),
+        ("congestion_events", q.path.congestion_events),
+        ("udp_tx_datagrams", q.udp_tx.datagrams),
+        ("udp_rx_datagrams", q.udp_rx.datagrams),
+        ("max_data_rx", q.frame_rx.max_data),
+        ("max_stream_data_rx", q.frame_rx.max_stream_data),
+        ("data_blocked_tx", q.frame_tx.data_blocked),
+        ("stream_data_blocked_tx", q.frame_tx.stream_data_blocked),
+        ("stream_data_blocked_rx", q.frame_rx.stream_data_blocked),
+    ];
+    let pairs = fields
+        .iter()
+        .map(|(k, v)| Ok((rustler::Atom::from_str(env, k)?.encode(env), v.encode(env))))
+        .collect::<NifResult<Vec<(Term, Term)>>>()?;
+    Term::map_from_pairs(env, &pairs)
+}
+
 #[rustler::nif]
 fn stats<'a>(env: Env<'a>, link: ResourceArc<LinkResource>) -> NifResult<Term<'a>> {
     use std::sync::atomic::Ordering::Relaxed;
@@ -806,6 +890,10 @@ fn stats<'a>(env: Env<'a>, link: ResourceArc<LinkResource>) -> NifResult<Term<'a
         ),
     ];
     let mut pairs = pairs;
+    pairs.push((
+        rustler::Atom::from_str(env, "quic")?.encode(env),
+        quic_stats(env, &link.link.quic_stats())?,
+    ));
     if let Some(counters) = link.link.filter_counters() {
         let (entries, refused) = (counters.entries(), counters.refused());
         // #{Op => #{Outcome => Count}}, names as binaries (the Erlang side makes atoms of

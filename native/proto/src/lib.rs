@@ -15,6 +15,7 @@ pub mod filter;
 pub mod frame;
 pub mod handshake;
 pub mod identity;
+pub mod lanes;
 pub mod link;
 pub mod policy;
 pub mod revocation;

@@ -1,11 +1,18 @@
-//! The packet decoder on arbitrary bytes.
+//! The packet decoder on arbitrary bytes, and the lane a packet is given (a pid of its
+//! control message, or a barrier) when it decodes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use trust_dist_proto::control;
 use trust_dist_proto::etf::{self, Term};
+use trust_dist_proto::lanes::{self, Lane};
 
 fuzz_target!(|data: &[u8]| {
+    let lane = lanes::lane_of(data, 0x5eed);
+    if let Lane::Sender { lane, pid } = lane {
+        assert!(lane < lanes::LANES);
+        assert!(matches!(Term::parse(pid), Ok((Term::Pid(_), n)) if n == pid.len()));
+    }
     let Ok(p) = control::decode(data) else {
         return;
     };

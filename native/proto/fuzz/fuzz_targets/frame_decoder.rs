@@ -1,11 +1,13 @@
 //! The stream framing: frames come out the same however the bytes are chunked, and
-//! nothing is buffered beyond the limit.
+//! nothing is buffered beyond the limit. Every frame is also read as a lane's barrier
+//! marker would be (a peer chooses what its frames hold).
 //!
 //! Input: `[max_len:2, discard_above:2, chunk_seed, bytes...]`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use trust_dist_proto::frame::{FrameDecoder, HEADER_BYTES};
+use trust_dist_proto::lanes;
 
 fn run(max: u32, discard: u32, input: &[u8], chunks: &[usize]) -> (Vec<Vec<u8>>, Vec<usize>, bool) {
     let mut d = FrameDecoder::new(max);
@@ -64,4 +66,10 @@ fuzz_target!(|data: &[u8]| {
     let r = d.decode_all(input, &mut out);
     assert_eq!(r.is_err(), whole.2);
     assert_eq!(out, whole.0);
+    for frame in &out {
+        if let Some(counts) = lanes::decode_barrier(frame) {
+            assert!(lanes::is_barrier(frame));
+            assert_eq!(lanes::encode_barrier(&counts), *frame);
+        }
+    }
 });
