@@ -214,6 +214,8 @@ struct Inbox {
     opened: [bool; LANES],
     ended: [bool; LANES],
     ticks_opened: bool,
+    /// The lane the next delivery pass starts with.
+    next_lane: usize,
 }
 
 impl Default for Inbox {
@@ -225,6 +227,7 @@ impl Default for Inbox {
             opened: [false; LANES],
             ended: [false; LANES],
             ticks_opened: false,
+            next_lane: 0,
         }
     }
 }
@@ -1346,7 +1349,20 @@ async fn lane_reader(
         if !thrown.is_empty() {
             discarded(shared, thrown);
         }
-        shared.arrived.notify_one();
+        // Hand up what came, from this task: waking the link's reader to do it would
+        // cost every packet of lanes 1.. a task switch. That reader still takes over
+        // whenever credit runs out (it waits for acks) or the link must close.
+        let pass = if shared.data_started.load(Ordering::SeqCst) {
+            deliver(shared, false)
+        } else {
+            Pass::default()
+        };
+        if let Some(why) = pass.close {
+            return Err(why);
+        }
+        if pass.credit_blocked || !pass.progress {
+            shared.arrived.notify_one();
+        }
     }
 }
 
@@ -1542,8 +1558,8 @@ struct Pass {
 
 /// Hands the VM one batch from the lanes: each lane's packets in order, every lane within
 /// its credit (unless `drain`), a barrier only once every lane has delivered what it
-/// counts. Lanes take turns from `start`, so none waits behind another's backlog.
-fn deliver(shared: &Shared, start: &mut usize, drain: bool) -> Pass {
+/// counts. Lanes take turns, so none waits behind another's backlog.
+fn deliver(shared: &Shared, drain: bool) -> Pass {
     let credit = shared.carrier.settings.recv_credit;
     let mut pass = Pass::default();
     let mut batch = Vec::new();
@@ -1557,7 +1573,7 @@ fn deliver(shared: &Shared, start: &mut usize, drain: bool) -> Pass {
         'passes: loop {
             let mut moved = false;
             for k in 0..LANES {
-                let lane = (*start + k) % LANES;
+                let lane = (inbox.next_lane + k) % LANES;
                 while batch.len() < MAX_BATCH && taken_total < MAX_BATCH_BYTES {
                     let ready = match inbox.lanes[lane].front() {
                         None => break,
@@ -1602,7 +1618,7 @@ fn deliver(shared: &Shared, start: &mut usize, drain: bool) -> Pass {
                 break;
             }
         }
-        *start = (*start + 1) % LANES;
+        inbox.next_lane = (inbox.next_lane + 1) % LANES;
         if !batch.is_empty() {
             let mut settled = Vec::new();
             for (lane, &n) in taken.iter().enumerate() {
@@ -1632,7 +1648,7 @@ fn deliver(shared: &Shared, start: &mut usize, drain: bool) -> Pass {
 
 /// After the peer ended the link: what its lanes still bring (bounded in time), then
 /// everything deliverable, beyond credit, as a TCP socket's last bytes would be.
-async fn drain_lanes(shared: &Shared, start: &mut usize) {
+async fn drain_lanes(shared: &Shared) {
     let deadline = tokio::time::Instant::now() + CLOSE_FLUSH_TIMEOUT;
     loop {
         let arrived = shared.arrived.notified();
@@ -1645,7 +1661,7 @@ async fn drain_lanes(shared: &Shared, start: &mut usize) {
             break;
         }
     }
-    while deliver(shared, start, true).progress {}
+    while deliver(shared, true).progress {}
 }
 
 /// Runs until the link ends and returns the close code and reason.
@@ -1666,7 +1682,6 @@ async fn reader(
     let mut checked = pending.len().min(usize::from(guard.is_done()));
     let mut frames = Vec::new();
     let mut ended: Option<(u32, String)> = None;
-    let mut start = 0usize;
     loop {
         while checked < pending.len() && !guard.is_done() {
             if let Err(e) = guard.on_peer_frame(&pending[checked]) {
@@ -1710,7 +1725,7 @@ async fn reader(
                 }
                 checked = 0;
                 if ended.is_none() {
-                    let pass = deliver(shared, &mut start, false);
+                    let pass = deliver(shared, false);
                     if let Some(why) = pass.close {
                         return (CLOSE_PROTOCOL, why);
                     }
@@ -1733,7 +1748,7 @@ async fn reader(
                 None if pending.is_empty() => return (*code, reason.clone()),
                 None => {}
                 Some(()) => {
-                    drain_lanes(shared, &mut start).await;
+                    drain_lanes(shared).await;
                     return (*code, reason.clone());
                 }
             }
@@ -1742,7 +1757,7 @@ async fn reader(
         // again, so an ack that lands in between is never missed.
         if credit_blocked {
             shared.credit.waiting.store(true, Ordering::SeqCst);
-            let pass = deliver(shared, &mut start, false);
+            let pass = deliver(shared, false);
             if let Some(why) = pass.close {
                 return (CLOSE_PROTOCOL, why);
             }
