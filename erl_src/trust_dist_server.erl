@@ -12,6 +12,10 @@
 
 -define(TABLE, trust_dist_links).
 
+%% What a connection runs, loaded when the carrier starts.
+-define(CONNECTION_MODULES, [trust_dist_link, trust_dist_telemetry, dist_util, string,
+                             unicode_util]).
+
 -record(state, {config :: trust_dist_config:config(),
                 carrier = undefined :: undefined | reference()}).
 
@@ -93,6 +97,9 @@ handle_call({listen, NodeName, Port}, _From, #state{config = Config} = State) ->
         {ok, Carrier, BoundIp} ->
             persistent_term:put({?MODULE, carrier}, Carrier),
             _ = trust_dist_nif:vocabulary(),
+            %% The code a connection runs, loaded now rather than by the first connection
+            %% (an interactive node loads modules on first call; a few ms each).
+            _ = [code:ensure_loaded(M) || M <- ?CONNECTION_MODULES],
             {reply, {ok, Carrier, trust_dist_nif:local_port(Carrier), BoundIp},
              State#state{carrier = Carrier}};
         {error, {Key, Why}} = Error ->
