@@ -526,6 +526,9 @@ enum Role {
 /// stream windows at once, so lanes held back by their own flow control (a bulk transfer
 /// the VM has not taken yet) do not use up the window the other lanes need.
 pub(crate) const RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
+/// The same for a peer of a lower tier: what it can park in our buffers stays near what
+/// a single stream allowed before lanes.
+pub(crate) const RESTRICTED_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
 /// Per-stream (per-lane) receive window.
 const STREAM_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
 /// Connection-level receive window before that: room for the hello and the handshake,
@@ -543,8 +546,10 @@ fn transport_config(settings: &Settings, role: Role) -> quinn::TransportConfig {
     t.max_concurrent_uni_streams((trust_dist_proto::lanes::LANES as u32).into());
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_RECEIVE_WINDOW));
     t.receive_window(quinn::VarInt::from_u32(match role {
+        // Raised once the peer's certificate says how far it is trusted
+        // (`link::open_receive_window`).
         Role::Server => UNVERIFIED_RECEIVE_WINDOW,
-        Role::Client => RECEIVE_WINDOW,
+        Role::Client => RESTRICTED_RECEIVE_WINDOW,
     }));
     t.send_window(u64::from(RECEIVE_WINDOW));
     t.datagram_receive_buffer_size(None);

@@ -45,8 +45,12 @@ const MAX_BATCH_BYTES: usize = 1024 * 1024;
 const LANE_HIGH_WATER: usize = 4 * 1024 * 1024;
 const LANE_LOW_WATER: usize = 1024 * 1024;
 /// Bytes a lane's reader holds, read from QUIC but not yet handed to the VM, before it
-/// stops reading (QUIC's per-stream flow control then holds that stream back alone).
+/// stops reading (QUIC's per-stream flow control then holds that stream back alone); and
+/// the most all lanes of a link hold together, beyond which only a lane holding nothing
+/// reads, it and the lane furthest into a frame (so frames still complete and every lane
+/// moves, and a peer that opens every lane cannot multiply what it parks here).
 const LANE_READ_AHEAD: usize = 1024 * 1024;
+const LINK_READ_AHEAD: usize = 4 * 1024 * 1024;
 /// Bytes a lane with nothing outstanding may hand to the VM even when the link's total
 /// credit is used up by other lanes, so a quiet process is never stuck behind bulk ones.
 const IDLE_LANE_ALLOWANCE: usize = 64 * 1024;
@@ -208,6 +212,8 @@ enum Item {
 struct Inbox {
     lanes: Vec<VecDeque<Item>>,
     bytes: [usize; LANES],
+    /// Bytes of a frame each lane reader has begun and not finished.
+    partial: [usize; LANES],
     /// Items taken from each lane so far (packets, refused or not, and discarded frames).
     delivered: [u64; LANES],
     /// Lanes whose stream the peer has opened, and those whose stream has ended.
@@ -223,6 +229,7 @@ impl Default for Inbox {
         Inbox {
             lanes: (0..LANES).map(|_| VecDeque::new()).collect(),
             bytes: [0; LANES],
+            partial: [0; LANES],
             delivered: [0; LANES],
             opened: [false; LANES],
             ended: [false; LANES],
@@ -238,6 +245,21 @@ impl Inbox {
             self.bytes[lane] += p.len();
         }
         self.lanes[lane].push_back(item);
+    }
+
+    /// May lane `lane`'s reader read more now? See [`LINK_READ_AHEAD`].
+    fn may_read(&self, lane: usize) -> bool {
+        let (complete, partial) = (self.bytes[lane], self.partial[lane]);
+        if complete >= LANE_READ_AHEAD {
+            return false;
+        }
+        let held: usize = self.bytes.iter().chain(&self.partial).sum();
+        if held < LINK_READ_AHEAD || complete + partial == 0 {
+            return true;
+        }
+        // Over the link's mark: the lane furthest into a frame goes on, so it completes.
+        let furthest = (0..LANES).max_by_key(|&l| (self.partial[l], std::cmp::Reverse(l)));
+        partial > 0 && furthest == Some(lane)
     }
 
     fn barrier_met(&self, counts: &[u64; LANES]) -> bool {
@@ -728,8 +750,8 @@ pub(crate) async fn accept<A: Acceptor>(
     .await;
     match result {
         Ok(Ok((connection, send, recv, decoder, pending, guard, peer))) => {
-            // Verified: now the peer may use the full window.
-            connection.set_receive_window(quinn::VarInt::from_u32(crate::RECEIVE_WINDOW));
+            // Verified: now the peer may use the window its tier allows.
+            open_receive_window(&connection, peer.mode);
             let events = acceptor.new_events();
             let link = spawn_link(
                 carrier,
@@ -754,6 +776,16 @@ pub(crate) async fn accept<A: Acceptor>(
             "refused connection from {from}: identity exchange took longer than {timeout:?}"
         )),
     }
+}
+
+/// The connection-level receive window for a verified peer: the full one for a peer of
+/// our tier or above, a smaller one for a lower tier.
+fn open_receive_window(connection: &quinn::Connection, mode: LinkMode) {
+    let window = match mode {
+        LinkMode::Restricted => crate::RESTRICTED_RECEIVE_WINDOW,
+        _ => crate::RECEIVE_WINDOW,
+    };
+    connection.set_receive_window(quinn::VarInt::from_u32(window));
 }
 
 /// Client side: TLS, our hello, the server's hello checked and bound to `expected_node`.
@@ -806,9 +838,12 @@ pub(crate) async fn connect(
         ))
     };
     match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok((connection, send, recv, decoder, pending, guard, peer))) => Ok(spawn_link(
-            carrier, connection, peer, events, send, recv, decoder, pending, guard,
-        )),
+        Ok(Ok((connection, send, recv, decoder, pending, guard, peer))) => {
+            open_receive_window(&connection, peer.mode);
+            Ok(spawn_link(
+                carrier, connection, peer, events, send, recv, decoder, pending, guard,
+            ))
+        }
         Ok(Err((connection, why))) => {
             if let Some(c) = connection {
                 c.close(quinn::VarInt::from_u32(CLOSE_REFUSED), why.as_bytes());
@@ -1302,7 +1337,7 @@ async fn lane_reader(
             let full = shared
                 .inbox
                 .lock()
-                .map(|inbox| inbox.bytes[lane] >= LANE_READ_AHEAD)
+                .map(|inbox| !inbox.may_read(lane))
                 .unwrap_or(false);
             if !full {
                 break;
@@ -1345,6 +1380,7 @@ async fn lane_reader(
         for _ in &thrown {
             inbox.push(lane, Item::Discarded);
         }
+        inbox.partial[lane] = decoder.buffered();
         drop(inbox);
         if !thrown.is_empty() {
             discarded(shared, thrown);
@@ -1834,5 +1870,51 @@ async fn reader(
                 Err(e) => ended = Some((CLOSE_NORMAL, describe_read_error(&e))),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod inbox_tests {
+    use super::*;
+
+    #[test]
+    fn lanes_read_ahead_within_their_own_and_the_links_marks() {
+        let mut inbox = Inbox::default();
+        assert!(inbox.may_read(3));
+        inbox.bytes[3] = LANE_READ_AHEAD;
+        assert!(!inbox.may_read(3), "a lane stops at its own mark");
+        assert!(inbox.may_read(4));
+        // Over the link's mark, lanes holding something wait, except the one furthest
+        // into a frame; a lane holding nothing may always start.
+        inbox.bytes[3] = LANE_READ_AHEAD - 1;
+        inbox.partial[5] = LINK_READ_AHEAD;
+        inbox.partial[6] = 10;
+        assert!(!inbox.may_read(3));
+        assert!(!inbox.may_read(6));
+        assert!(
+            inbox.may_read(5),
+            "the frame furthest along must be able to complete"
+        );
+        assert!(inbox.may_read(7));
+    }
+
+    #[test]
+    fn credit_settles_the_oldest_batches_lane_by_lane() {
+        let mut book = CreditBook::default();
+        book.batches.push_back(vec![(1, 100), (2, 50)]);
+        book.batches.push_back(vec![(2, 30)]);
+        book.outstanding[1] = 100;
+        book.outstanding[2] = 80;
+        book.total = 180;
+        book.settle(120);
+        assert_eq!(
+            (book.outstanding[1], book.outstanding[2], book.total),
+            (0, 60, 60)
+        );
+        book.settle(60);
+        assert_eq!((book.outstanding[2], book.total), (0, 0));
+        assert!(book.batches.is_empty());
+        book.settle(10); // more than owed: nothing goes below zero
+        assert_eq!(book.total, 0);
     }
 }
