@@ -1830,6 +1830,9 @@ async fn reader(
             },
             _ = shared.credit.returned.notified(), if credit_blocked => {}
             _ = shared.arrived.notified(), if in_data => {}
+            // Lane readers deliver too, lane 0's packets among them: when lane 0's read-ahead
+            // was full, their deliveries are what make room for reading it again.
+            _ = shared.room.notified(), if in_data && !want_read && ended.is_none() => {}
             chunk = recv.read_chunk(READ_CHUNK, true), if want_read => match chunk {
                 Ok(Some(chunk)) => {
                     shared.stats.bytes_in.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
