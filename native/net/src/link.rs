@@ -492,31 +492,27 @@ impl Link {
 
     /// Queues packets behind a barrier, whoever sent them: the peer delivers none of them
     /// before everything queued before on any lane (tooling that needs an "everything
-    /// before this has been judged" mark on a link, such as the red-team suite).
+    /// before this has been judged" mark on a link, such as the red-team suite). Returns
+    /// false when the caller should wait for [`LinkEvents::writable`], as [`Link::send`].
     pub fn send_barrier(&self, frames: Bytes, packets: u64) -> bool {
-        let shared = &self.shared;
-        shared
-            .stats
-            .packets_out
-            .fetch_add(packets, Ordering::Relaxed);
-        observe_outgoing(shared, &frames);
-        route(shared, frames, true, &|lane| {
-            Some(self.writers[lane].clone())
-        });
-        shared.queued.load(Ordering::SeqCst) <= shared.carrier.settings.send_high_water
+        !self.queue(frames, packets, true).busy
     }
 
     /// Queues packets (each already a whole frame: length prefix and body), each on the
     /// lane of its sending process, and says whether the caller should stop, and which
     /// processes should pause.
     pub fn send_packets(&self, frames: Bytes, packets: u64) -> Sent {
+        self.queue(frames, packets, false)
+    }
+
+    fn queue(&self, frames: Bytes, packets: u64, all_behind_barrier: bool) -> Sent {
         let shared = &self.shared;
         shared
             .stats
             .packets_out
             .fetch_add(packets, Ordering::Relaxed);
         observe_outgoing(shared, &frames);
-        let (_, pause) = route(shared, frames, false, &|lane| {
+        let (_, pause) = route(shared, frames, all_behind_barrier, &|lane| {
             Some(self.writers[lane].clone())
         });
         let queued = shared.queued.load(Ordering::SeqCst);

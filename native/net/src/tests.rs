@@ -785,6 +785,27 @@ fn send_sender(from: u32, payload: &[u8]) -> Vec<u8> {
     )
 }
 
+/// A link whose receiving side b has `credit` bytes of credit; the nodes must outlive it.
+fn credit_limited_link(credit: usize) -> ((Node, Node), End, End) {
+    let (a, b) = two_nodes(
+        settings(),
+        Settings {
+            recv_credit: credit,
+            ..settings()
+        },
+    );
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    ((a, b), a_end, b_end)
+}
+
+/// Forty 64 KiB messages from one process of a: 2.5 MiB, ten times the credit the lane
+/// tests give b.
+fn bulk_from(pid: u32) -> Vec<Vec<u8>> {
+    (0..40)
+        .map(|i| send_sender(pid, &noise(i, 64 * 1024)))
+        .collect()
+}
+
 /// Everything b is handed within [`QUIET`], without acking.
 fn handed_unacked(b_end: &End) -> Vec<Vec<u8>> {
     let mut handed = Vec::new();
@@ -801,18 +822,8 @@ fn handed_unacked(b_end: &End) -> Vec<Vec<u8>> {
 /// hold back other processes' packets on the same link.
 #[test]
 fn a_sender_held_back_by_credit_does_not_hold_back_others() {
-    const CREDIT: usize = 256 * 1024;
-    let (a, b) = two_nodes(
-        settings(),
-        Settings {
-            recv_credit: CREDIT,
-            ..settings()
-        },
-    );
-    let (a_end, b_end) = link_up(&a, &b, A, B);
-    let bulk: Vec<Vec<u8>> = (0..40)
-        .map(|i| send_sender(100, &noise(i, 64 * 1024)))
-        .collect();
+    let (_nodes, a_end, b_end) = credit_limited_link(256 * 1024);
+    let bulk = bulk_from(100);
     assert!(a_end.send(&bulk.iter().map(Vec::as_slice).collect::<Vec<_>>()));
     let first = handed_unacked(&b_end);
     assert!(
@@ -857,18 +868,8 @@ fn a_sender_held_back_by_credit_does_not_hold_back_others() {
 fn a_signal_without_a_sender_pid_waits_for_every_lane() {
     use trust_dist_proto::control::answer;
     use trust_dist_proto::etf::encode;
-    const CREDIT: usize = 256 * 1024;
-    let (a, b) = two_nodes(
-        settings(),
-        Settings {
-            recv_credit: CREDIT,
-            ..settings()
-        },
-    );
-    let (a_end, b_end) = link_up(&a, &b, A, B);
-    let bulk: Vec<Vec<u8>> = (0..40)
-        .map(|i| send_sender(100, &noise(i, 64 * 1024)))
-        .collect();
+    let (_nodes, a_end, b_end) = credit_limited_link(256 * 1024);
+    let bulk = bulk_from(100);
     let down_by_name = answer::monitor_exit(
         &encode::atom_term("registered"),
         &encode::pid(B, 1, 0, 9),
