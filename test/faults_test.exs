@@ -446,7 +446,10 @@ defmodule TrustDist.FaultsTest do
       got = Map.get(result.got, key)
       assert got, "pair #{inspect(key)}: nothing arrived"
       assert got.dups == 0, "pair #{inspect(key)}: #{got.dups} duplicates"
-      assert got.late == 0, "pair #{inspect(key)}: #{got.late} reordered #{inspect(got)} last #{last}"
+
+      assert got.late == 0,
+             "pair #{inspect(key)}: #{got.late} reordered #{inspect(got)} last #{last}"
+
       assert got.last_sent == last, "pair #{inspect(key)}: done marker missing #{inspect(got)}"
       assert got.next == last + 1, "pair #{inspect(key)}: tail missing #{inspect(got)}"
 
