@@ -198,6 +198,18 @@ impl CreditBook {
     }
 }
 
+impl Item {
+    /// What it holds in memory, as read-ahead counts it: a barrier is counted too, or a
+    /// peer could park any number of markers behind one that is never met.
+    fn held_bytes(&self) -> usize {
+        match self {
+            Item::Packet(p) => p.len(),
+            Item::Discarded => 0,
+            Item::Barrier(_) => std::mem::size_of::<[u64; LANES]>(),
+        }
+    }
+}
+
 /// One unit of what a lane brings, in order.
 enum Item {
     Packet(Vec<u8>),
@@ -241,10 +253,14 @@ impl Default for Inbox {
 
 impl Inbox {
     fn push(&mut self, lane: usize, item: Item) {
-        if let Item::Packet(p) = &item {
-            self.bytes[lane] += p.len();
-        }
+        self.bytes[lane] += item.held_bytes();
         self.lanes[lane].push_back(item);
+    }
+
+    fn pop(&mut self, lane: usize) -> Option<Item> {
+        let item = self.lanes[lane].pop_front()?;
+        self.bytes[lane] -= item.held_bytes();
+        Some(item)
     }
 
     /// May lane `lane`'s reader read more now? See [`LINK_READ_AHEAD`].
@@ -1622,11 +1638,10 @@ fn deliver(shared: &Shared, drain: bool) -> Pass {
                         break;
                     }
                     moved = true;
-                    match inbox.lanes[lane].pop_front() {
+                    match inbox.pop(lane) {
                         Some(Item::Barrier(_)) | None => {}
                         Some(Item::Discarded) => inbox.delivered[lane] += 1,
                         Some(Item::Packet(packet)) => {
-                            inbox.bytes[lane] -= packet.len();
                             inbox.delivered[lane] += 1;
                             match judge(shared, packet) {
                                 Judged::Deliver(packet) => {
@@ -1895,6 +1910,21 @@ mod inbox_tests {
             "the frame furthest along must be able to complete"
         );
         assert!(inbox.may_read(7));
+    }
+
+    #[test]
+    fn barrier_markers_count_against_read_ahead() {
+        let mut inbox = Inbox::default();
+        let markers = LANE_READ_AHEAD / std::mem::size_of::<[u64; LANES]>();
+        for _ in 0..markers {
+            inbox.push(0, Item::Barrier(Box::new([u64::MAX; LANES])));
+        }
+        assert!(
+            !inbox.may_read(0),
+            "markers behind an unmet one fill the read-ahead"
+        );
+        assert!(inbox.pop(0).is_some());
+        assert!(inbox.may_read(0));
     }
 
     #[test]
