@@ -294,7 +294,21 @@ pause([], Out) ->
 pause([Pid | Rest], #out{paused = Paused} = Out) when Pid =:= self();
                                                       is_map_key(Pid, Paused) ->
     pause(Rest, Out);
-pause([Pid | Rest], #out{paused = Paused} = Out) ->
+pause([Pid | Rest], Out) when node(Pid) =/= node() ->
+    pause(Rest, Out);
+pause([Pid | Rest], Out) ->
+    case erlang:process_info(Pid, registered_name) of
+        {registered_name, _} ->
+            %% A registered process (net_kernel, rex, global, a user's named server) is
+            %% never suspended here: a peer could hold a lane back to stall it, and
+            %% one such process stalled can stall the node. Those are left to the link's
+            %% own busy state, as on any connection.
+            pause(Rest, Out);
+        _ ->
+            suspend(Pid, Rest, Out)
+    end.
+
+suspend(Pid, Rest, #out{paused = Paused} = Out) ->
     try erlang:suspend_process(Pid, [asynchronous]) of
         _ -> pause(Rest, Out#out{paused = Paused#{Pid => true}})
     catch
