@@ -1064,7 +1064,7 @@ fn route(
         return (0, Vec::new());
     };
     let mut split = Split::new(&frames);
-    let mut senders: Vec<(usize, &[u8])> = Vec::new();
+    let mut senders: Vec<(usize, &[u8], &[u8])> = Vec::new();
     if !state.data_phase {
         split.put(0, 0, frames.len());
     } else {
@@ -1088,9 +1088,7 @@ fn route(
                 Lane::Sender { lane, pid } => {
                     split.put(lane, pos, end);
                     state.sent[lane] += 1;
-                    if !senders.contains(&(lane, pid)) {
-                        senders.push((lane, pid));
-                    }
+                    senders.push((lane, pid, body));
                 }
                 Lane::Barrier => {
                     if state.sent[1..].iter().any(|&n| n > 0) {
@@ -1129,8 +1127,13 @@ fn route(
     if !pauses {
         senders.clear();
     }
-    for (lane, pid) in senders {
-        if state.queued[lane] > LANE_HIGH_WATER && !state.paused[lane].iter().any(|p| p == pid) {
+    // Only a process sending messages pauses, as only messages make the VM suspend a
+    // sender on a busy connection; its other signals ride along.
+    for (lane, pid, body) in senders {
+        if state.queued[lane] > LANE_HIGH_WATER
+            && !state.paused[lane].iter().any(|p| p == pid)
+            && lanes::carries_message(body)
+        {
             state.paused[lane].push(pid.to_vec());
             pause.push(pid.to_vec());
         }

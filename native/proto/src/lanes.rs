@@ -98,6 +98,20 @@ fn sender_pid(packet: &[u8]) -> Option<&[u8]> {
     }
 }
 
+/// True if the packet carries a message (a send of any form), not another signal (link,
+/// monitor, exit, spawn...). The VM suspends a process on a busy connection only for
+/// messages; a lane's pause follows it.
+pub fn carries_message(packet: &[u8]) -> bool {
+    let op = packet
+        .strip_prefix(&[112, VERSION])
+        .and_then(|terms| Term::peek(terms).ok()?.as_tuple())
+        .and_then(|tuple| match tuple.get(0).ok()? {
+            Term::Int(op) => Some(op),
+            _ => None,
+        });
+    matches!(op, Some(2 | 6 | 12 | 16 | 22 | 23 | 33 | 34 | 37))
+}
+
 /// FNV-1a of the pid's bytes, salted: cheap, and stable for one link's life.
 fn lane_index(pid: &[u8], salt: u64) -> usize {
     let mut hash = 0xcbf2_9ce4_8422_2325u64 ^ salt;
@@ -209,6 +223,19 @@ mod tests {
         assert_eq!(lane_of_pid(&spawn), Some(from.clone()));
         let altact = build::packet(37, &[&int(0), &from, &to], Some(&reason));
         assert_eq!(lane_of_pid(&altact), Some(from));
+    }
+
+    #[test]
+    fn only_sends_count_as_messages() {
+        let (from, to) = (pid(1), pid(2));
+        let reason = encode::atom_term("normal");
+        let send = build::packet(22, &[&from, &to], Some(&reason));
+        let reg_send = build::packet(6, &[&from, &reason, &reason], Some(&reason));
+        let link = build::packet(1, &[&from, &to], None);
+        let exit = build::packet(3, &[&from, &to, &reason], None);
+        assert!(carries_message(&send) && carries_message(&reg_send));
+        assert!(!carries_message(&link) && !carries_message(&exit));
+        assert!(!carries_message(b"junk"));
     }
 
     #[test]
