@@ -39,10 +39,12 @@ config() ->
 register_link(Node, Ctrl, Link, Info) ->
     gen_server:cast(?MODULE, {register_link, Node, Ctrl, Link, Info}).
 
-%% @doc `[{Node, Link, Info}]' for every established link.
+%% @doc `[{Node, Link, Info}]' for every established link, the newest first: while a
+%% link that just ended is still being torn down, the one that replaced it comes first.
 links() ->
     try ets:tab2list(?TABLE) of
-        Rows -> [{Node, Link, Info} || {_Ctrl, Node, Link, Info, _Since} <- Rows]
+        Rows -> [{Node, Link, Info}
+                 || {_Ctrl, Node, Link, Info, _Since} <- lists:reverse(lists:keysort(5, Rows))]
     catch
         error:badarg -> []
     end.
