@@ -1845,34 +1845,23 @@ mod tests {
     }
     /// A default-policy filter with smaller tables, to reach their bounds in a test.
     fn filter_with_limits(limits: Limits) -> LinkFilter {
-        LinkFilter::with_limits(
-            NodeId {
-                name: LOCAL.into(),
-                creation: 1,
-            },
-            NodeId {
-                name: PEER.into(),
-                creation: 2,
-            },
-            TierPolicy::default(),
-            Vec::new(),
-            limits,
-        )
+        filter_of(TierPolicy::default(), Vec::new(), limits)
     }
 
     fn filter(policy: TierPolicy, system: Vec<(String, PidKey)>) -> LinkFilter {
-        LinkFilter::new(
-            NodeId {
-                name: LOCAL.into(),
-                creation: 1,
-            },
-            NodeId {
-                name: PEER.into(),
-                creation: 2,
-            },
-            policy,
-            system,
-        )
+        filter_of(policy, system, Limits::default())
+    }
+
+    fn filter_of(policy: TierPolicy, system: Vec<(String, PidKey)>, limits: Limits) -> LinkFilter {
+        let local = NodeId {
+            name: LOCAL.into(),
+            creation: 1,
+        };
+        let peer = NodeId {
+            name: PEER.into(),
+            creation: 2,
+        };
+        LinkFilter::with_limits(local, peer, policy, system, limits)
     }
     fn key(id: u32) -> PidKey {
         PidKey {
