@@ -14,7 +14,7 @@ mod link;
 pub mod reference;
 mod tls;
 
-pub use link::{DenialReport, Link, LinkEvents, LinkStats, PeerInfo, Sent};
+pub use link::{DenialReport, Link, LinkEvents, LinkStats, Packet, PacketBuffer, PeerInfo, Sent};
 pub use quinn::ConnectionStats;
 pub use tls::ALPN;
 

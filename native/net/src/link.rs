@@ -12,13 +12,14 @@
 
 use crate::{tls, unix_now, Acceptor, CarrierShared};
 use bytes::Bytes;
+use std::any::Any;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use trust_dist_proto::filter::{Counters, Decision, LinkFilter, NodeId, Verdict};
-use trust_dist_proto::frame::{self, FrameDecoder};
+use trust_dist_proto::frame::{self, Frame, FrameDecoder};
 use trust_dist_proto::handshake::{self, FrameBudget, NameGuard, Side, MAX_HANDSHAKE_FRAME};
 use trust_dist_proto::lanes::{self, Lane, LANES};
 use trust_dist_proto::link::LinkMode;
@@ -61,7 +62,14 @@ pub trait LinkEvents: Send + Sync + 'static {
     /// One distribution-handshake frame, in answer to [`Link::request_handshake_frame`].
     fn handshake_frame(&self, frame: Vec<u8>) -> bool;
     /// Distribution packets in order; their bytes are owed back through [`Link::ack`].
-    fn packets(&self, packets: Vec<Vec<u8>>) -> bool;
+    fn packets(&self, packets: Vec<Packet>) -> bool;
+    /// Memory for a received packet of `len` bytes, which the transport fills and later
+    /// hands to [`LinkEvents::packets`]: a packet is copied once, out of QUIC's buffers
+    /// into this, so memory the layer above can take over as it is saves it a copy.
+    /// `None` (out of memory) ends the link.
+    fn packet_buffer(&self, len: usize) -> Option<Packet> {
+        Some(Box::new(vec![0u8; len]))
+    }
     /// The send queue drained below its low-water mark after [`Link::send`] said busy.
     fn writable(&self) -> bool;
     /// The link is gone; `reason` says why.
@@ -71,6 +79,28 @@ pub trait LinkEvents: Send + Sync + 'static {
     fn resume(&self, pids: Vec<Vec<u8>>) -> bool {
         let _ = pids;
         true
+    }
+}
+
+/// A received packet's bytes, in memory from [`LinkEvents::packet_buffer`].
+pub trait PacketBuffer: Send + 'static {
+    fn bytes(&self) -> &[u8];
+    fn bytes_mut(&mut self) -> &mut [u8];
+    /// For the layer above to take back the memory it gave.
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+}
+
+pub type Packet = Box<dyn PacketBuffer>;
+
+impl PacketBuffer for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
     }
 }
 
@@ -218,7 +248,7 @@ impl Item {
     fn held_bytes(&self) -> usize {
         ITEM_OVERHEAD
             + match self {
-                Item::Packet(p) => p.len(),
+                Item::Packet(p) => p.bytes().len(),
                 Item::Discarded => 0,
                 Item::Barrier(_) => std::mem::size_of::<[u64; LANES]>(),
             }
@@ -227,7 +257,7 @@ impl Item {
 
 /// One unit of what a lane brings, in order.
 enum Item {
-    Packet(Vec<u8>),
+    Packet(Packet),
     /// A frame the deframer threw away (over the peer's message limit): it still counts
     /// in the lane's order, for barriers.
     Discarded,
@@ -593,15 +623,12 @@ impl Deframer {
         }
     }
 
-    fn decode(
-        &mut self,
-        mut input: &[u8],
-        out: &mut Vec<Vec<u8>>,
-    ) -> Result<(), frame::FrameError> {
-        while !input.is_empty() {
+    fn decode(&mut self, input: &Bytes, out: &mut Vec<Frame>) -> Result<(), frame::FrameError> {
+        let mut at = 0;
+        while at < input.len() {
             self.decoder.set_max_len(self.budget.limit());
-            let (used, frame) = self.decoder.decode(input)?;
-            input = &input[used..];
+            let (used, frame) = self.decoder.decode(&input.slice(at..))?;
+            at += used;
             if let Some(frame) = frame {
                 self.budget.frame_done();
                 out.push(frame);
@@ -629,7 +656,7 @@ impl Deframer {
 async fn read_frames(
     recv: &mut quinn::RecvStream,
     decoder: &mut Deframer,
-    pending: &mut VecDeque<Vec<u8>>,
+    pending: &mut VecDeque<Frame>,
     want: usize,
     stats: Option<&LinkStats>,
 ) -> Result<(), String> {
@@ -727,7 +754,7 @@ pub(crate) async fn accept<A: Acceptor>(
         read_frames(&mut recv, &mut decoder, &mut pending, 1, None)
             .await
             .map_err(|e| fail(&connection, format!("no hello from peer: {e}")))?;
-        let hello = pending.pop_front().unwrap_or_default();
+        let hello = pending.pop_front().unwrap_or_default().to_vec();
         let peer = check_peer(&carrier, &connection, &hello).map_err(|e| fail(&connection, e))?;
         if peer.mode == LinkMode::Restricted
             && !carrier
@@ -767,7 +794,7 @@ pub(crate) async fn accept<A: Acceptor>(
         let mut guard = NameGuard::new(Side::Accepting, &peer.certificate.node);
         if let Some(first) = pending.front() {
             guard
-                .on_peer_frame(first)
+                .on_peer_frame(&first.to_vec())
                 .map_err(|e| fail(&connection, e.to_string()))?;
         }
         Ok::<_, (Option<quinn::Connection>, String)>((
@@ -855,7 +882,7 @@ pub(crate) async fn connect(
                     format!("no hello from {expected_node} at {addr}: {e}"),
                 )
             })?;
-        let hello = pending.pop_front().unwrap_or_default();
+        let hello = pending.pop_front().unwrap_or_default().to_vec();
         let peer = check_peer(&carrier, &connection, &hello).map_err(|e| fail(&connection, e))?;
         handshake::check_dialled(&peer.certificate.node, &expected_node)
             .map_err(|e| fail(&connection, e.to_string()))?;
@@ -892,7 +919,7 @@ fn spawn_link(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     decoder: Deframer,
-    pending: VecDeque<Vec<u8>>,
+    pending: VecDeque<Frame>,
     guard: NameGuard,
 ) -> Link {
     let (writer_txs, writer_rxs): (Vec<_>, Vec<_>) =
@@ -1404,14 +1431,9 @@ async fn lane_reader(
             .stats
             .bytes_in
             .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-        let mut input = &chunk.bytes[..];
-        while !input.is_empty() {
-            let (used, frame) = decoder.decode(input).map_err(|e| e.to_string())?;
-            input = &input[used..];
-            if let Some(frame) = frame {
-                frames.push(frame);
-            }
-        }
+        decoder
+            .decode_all(&chunk.bytes, &mut frames)
+            .map_err(|e| e.to_string())?;
         let thrown = decoder.take_discarded();
         let Ok(mut inbox) = shared.inbox.lock() else {
             return Err("link inbox lost".into());
@@ -1419,12 +1441,12 @@ async fn lane_reader(
         for frame in frames.drain(..) {
             if frame.is_empty() {
                 shared.stats.ticks_in.fetch_add(1, Ordering::Relaxed);
-            } else if lanes::is_barrier(&frame) {
+            } else if is_barrier(&frame) {
                 return Err(format!(
                     "barrier marker on lane {lane} (only lane 0 carries them)"
                 ));
             } else {
-                inbox.push(lane, Item::Packet(frame));
+                inbox.push(lane, Item::Packet(into_packet(shared, frame)?));
             }
         }
         for _ in &thrown {
@@ -1479,14 +1501,14 @@ fn observe_outgoing(shared: &Shared, frames: &[u8]) {
 
 /// What the reader does with one packet of the peer.
 enum Judged {
-    Deliver(Vec<u8>),
+    Deliver(Packet),
     Skip,
     Close(String),
 }
 
 /// Runs a packet through the link's filter (restricted links only) and carries out the
 /// verdict's side effects: counting, the rate-limited report, the answer.
-fn judge(shared: &Shared, packet: Vec<u8>) -> Judged {
+fn judge(shared: &Shared, packet: Packet) -> Judged {
     if shared.peer.mode != LinkMode::Restricted {
         return Judged::Deliver(packet);
     }
@@ -1495,20 +1517,20 @@ fn judge(shared: &Shared, packet: Vec<u8>) -> Judged {
             return Judged::Close("link filter state lost".into());
         };
         match guard.as_mut() {
-            Some(filter) => filter.decide(&packet, &*shared.carrier.identity.atoms),
+            Some(filter) => filter.decide(packet.bytes(), &*shared.carrier.identity.atoms),
             None => return Judged::Close("restricted link without its filter".into()),
         }
     };
     settle(shared, decision, packet)
 }
 
-fn settle(shared: &Shared, decision: Decision, packet: Vec<u8>) -> Judged {
+fn settle(shared: &Shared, decision: Decision, packet: Packet) -> Judged {
     if decision.is_refusal() {
         report_denial(shared, &decision);
     }
     match decision.verdict {
         Verdict::Deliver => Judged::Deliver(packet),
-        Verdict::DeliverRewritten(bytes) => Judged::Deliver(bytes),
+        Verdict::DeliverRewritten(bytes) => Judged::Deliver(Box::new(bytes)),
         Verdict::Drop => {
             shared.stats.dropped_in.fetch_add(1, Ordering::Relaxed);
             Judged::Skip
@@ -1597,13 +1619,13 @@ fn discarded(shared: &Shared, lengths: Vec<usize>) {
             },
             Err(_) => continue,
         };
-        settle(shared, decision, Vec::new());
+        settle(shared, decision, Box::new(Vec::new()));
     }
 }
 
 /// Moves lane 0's frames, read since the last pass, into the inbox: packets, and barrier
 /// markers as barriers.
-fn lane0_to_inbox(shared: &Shared, pending: &mut VecDeque<Vec<u8>>) -> Result<(), String> {
+fn lane0_to_inbox(shared: &Shared, pending: &mut VecDeque<Frame>) -> Result<(), String> {
     if pending.is_empty() {
         return Ok(());
     }
@@ -1616,19 +1638,40 @@ fn lane0_to_inbox(shared: &Shared, pending: &mut VecDeque<Vec<u8>>) -> Result<()
 fn lane0_to_inbox_locked(
     shared: &Shared,
     inbox: &mut Inbox,
-    pending: &mut VecDeque<Vec<u8>>,
+    pending: &mut VecDeque<Frame>,
 ) -> Result<(), String> {
     for frame in pending.drain(..) {
         if frame.is_empty() {
             shared.stats.ticks_in.fetch_add(1, Ordering::Relaxed);
-        } else if lanes::is_barrier(&frame) {
-            let counts = lanes::decode_barrier(&frame).ok_or("malformed barrier marker")?;
+        } else if is_barrier(&frame) {
+            let counts =
+                lanes::decode_barrier(&frame.to_vec()).ok_or("malformed barrier marker")?;
             inbox.push(0, Item::Barrier(Box::new(counts)));
         } else {
-            inbox.push(0, Item::Packet(frame));
+            inbox.push(0, Item::Packet(into_packet(shared, frame)?));
         }
     }
     Ok(())
+}
+
+fn is_barrier(frame: &Frame) -> bool {
+    frame
+        .pieces()
+        .first()
+        .is_some_and(|first| lanes::is_barrier(first))
+}
+
+/// A frame's one copy: out of QUIC's buffers into memory the layer above chose.
+fn into_packet(shared: &Shared, frame: Frame) -> Result<Packet, String> {
+    let mut packet = shared
+        .events
+        .packet_buffer(frame.len())
+        .ok_or_else(|| format!("no memory for a packet of {} bytes", frame.len()))?;
+    if packet.bytes().len() != frame.len() {
+        return Err("the packet buffer given is not the size asked for".into());
+    }
+    frame.copy_to(packet.bytes_mut());
+    Ok(packet)
 }
 
 /// What one delivery pass did.
@@ -1666,7 +1709,14 @@ fn deliver(shared: &Shared, drain: bool) -> Pass {
                         Some(Item::Barrier(counts)) => inbox.barrier_met(counts),
                         Some(Item::Discarded) => true,
                         Some(Item::Packet(p)) => {
-                            drain || book.allows(lane, taken[lane], taken_total, credit, p.len())
+                            drain
+                                || book.allows(
+                                    lane,
+                                    taken[lane],
+                                    taken_total,
+                                    credit,
+                                    p.bytes().len(),
+                                )
                         }
                     };
                     if !ready {
@@ -1683,8 +1733,9 @@ fn deliver(shared: &Shared, drain: bool) -> Pass {
                             inbox.delivered[lane] += 1;
                             match judge(shared, packet) {
                                 Judged::Deliver(packet) => {
-                                    taken[lane] += packet.len();
-                                    taken_total += packet.len();
+                                    let len = packet.bytes().len();
+                                    taken[lane] += len;
+                                    taken_total += len;
                                     batch.push(packet);
                                 }
                                 Judged::Skip => {}
@@ -1755,7 +1806,7 @@ async fn reader(
     mut recv: quinn::RecvStream,
     mut commands: mpsc::UnboundedReceiver<ReaderCommand>,
     mut decoder: Deframer,
-    mut pending: VecDeque<Vec<u8>>,
+    mut pending: VecDeque<Frame>,
     mut guard: NameGuard,
 ) -> (u32, String) {
     // Some(()) once the data phase has started.
@@ -1769,7 +1820,7 @@ async fn reader(
     let mut ended: Option<(u32, String)> = None;
     loop {
         while checked < pending.len() && !guard.is_done() {
-            if let Err(e) = guard.on_peer_frame(&pending[checked]) {
+            if let Err(e) = guard.on_peer_frame(&pending[checked].to_vec()) {
                 return (CLOSE_REFUSED, e.to_string());
             }
             checked += 1;
@@ -1798,7 +1849,7 @@ async fn reader(
                                 ),
                             );
                         }
-                        if !shared.events.handshake_frame(frame) {
+                        if !shared.events.handshake_frame(frame.to_vec()) {
                             return (CLOSE_NORMAL, "the handshake process is gone".into());
                         }
                     }
@@ -1859,7 +1910,7 @@ async fn reader(
                 // Before the data phase only handshake messages are due: read a little
                 // ahead, never much.
                 None => {
-                    pending.iter().map(Vec::len).sum::<usize>() + decoder.partial_bytes()
+                    pending.iter().map(Frame::len).sum::<usize>() + decoder.partial_bytes()
                         < PRE_START_BUFFER
                 }
                 Some(_) => shared

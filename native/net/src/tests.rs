@@ -7,7 +7,7 @@
 //! clients need the crate's TLS client configuration.
 
 use crate::{tls, unix_now, Acceptor, Carrier, Level, Link, LinkEvents, Log, NodeIdentity};
-use crate::{Settings, ALPN};
+use crate::{Packet, Settings, ALPN};
 use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -99,8 +99,9 @@ impl LinkEvents for Events {
     fn handshake_frame(&self, frame: Vec<u8>) -> bool {
         self.tx.send(Ev::Handshake(frame)).is_ok()
     }
-    fn packets(&self, packets: Vec<Vec<u8>>) -> bool {
-        self.tx.send(Ev::Packets(packets)).is_ok()
+    fn packets(&self, packets: Vec<Packet>) -> bool {
+        let bodies = packets.into_iter().map(|p| p.bytes().to_vec()).collect();
+        self.tx.send(Ev::Packets(bodies)).is_ok()
     }
     fn writable(&self) -> bool {
         self.tx.send(Ev::Writable).is_ok()

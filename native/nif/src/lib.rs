@@ -7,11 +7,13 @@ use bytes::Bytes;
 use rustler::{
     Binary, Encoder, Env, LocalPid, NifResult, OwnedBinary, OwnedEnv, ResourceArc, Term,
 };
+use std::any::Any;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use trust_dist_net::{
-    Acceptor, Carrier, DenialReport, Level, Link, LinkEvents, Log, NodeIdentity, PeerInfo, Settings,
+    Acceptor, Carrier, DenialReport, Level, Link, LinkEvents, Log, NodeIdentity, Packet,
+    PacketBuffer, PeerInfo, Settings,
 };
 use trust_dist_proto::etf::{self, Atom, PidKey, Term as Etf};
 use trust_dist_proto::{
@@ -76,11 +78,34 @@ fn make_binary<'a>(env: Env<'a>, bytes: &[u8]) -> Option<Term<'a>> {
     Some(bin.release(env).encode(env))
 }
 
-/// A received packet as a binary of the VM's own (a copy: ERTS decodes the large
-/// binaries of a distribution message as sub-binaries of the packet, which it can only do
-/// for a binary it allocated, not for a resource binary).
-fn packet_binary(env: Env<'_>, packet: Vec<u8>) -> Option<Term<'_>> {
-    make_binary(env, &packet)
+/// A received packet's memory: a binary the VM allocated, which the transport fills from
+/// QUIC's buffers and the VM then takes over as it is. (It must be an ordinary VM binary,
+/// not a resource binary: ERTS decodes the large binaries of a distribution message as
+/// sub-binaries of the packet, which it can only do for a binary it allocated.)
+struct VmPacket(OwnedBinary);
+
+impl PacketBuffer for VmPacket {
+    fn bytes(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.0.as_mut_slice()
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
+
+/// A received packet as a term: the VM binary it was read into, or a copy of packets the
+/// transport built itself (a filter's rewrite).
+fn packet_binary(env: Env<'_>, packet: Packet) -> Option<Term<'_>> {
+    match packet.into_any().downcast::<VmPacket>() {
+        Ok(vm) => Some(vm.0.release(env).encode(env)),
+        Err(other) => match other.downcast::<Vec<u8>>() {
+            Ok(bytes) => make_binary(env, &bytes),
+            Err(_) => None,
+        },
+    }
 }
 
 fn send_to(pid: Option<LocalPid>, build: impl for<'a> FnOnce(Env<'a>) -> Term<'a>) -> bool {
@@ -108,7 +133,11 @@ impl LinkEvents for BeamEvents {
         sent.is_ok() && allocated
     }
 
-    fn packets(&self, packets: Vec<Vec<u8>>) -> bool {
+    fn packet_buffer(&self, len: usize) -> Option<Packet> {
+        Some(Box::new(VmPacket(OwnedBinary::new(len)?)))
+    }
+
+    fn packets(&self, packets: Vec<Packet>) -> bool {
         let Some(pid) = self.input() else {
             return false;
         };

@@ -2,14 +2,16 @@
 //! by that many bytes; a length of 0 is a tick. Handshake messages use the same framing.
 //!
 //! [`FrameDecoder`] is sans-IO: feed it whatever chunks the transport delivers, take whole
-//! frames out. It never allocates by the length a peer announces: a frame's buffer grows
-//! with the bytes that actually arrive, and a length above the limit is an error before any
-//! byte of the body is read.
+//! frames out. It never allocates by the length a peer announces, and it never copies a
+//! body: a [`Frame`] is the slices of the transport's own buffers that hold it, so the one
+//! copy a packet costs is the one into its final home (for the NIF, a VM binary of
+//! exactly its size). A length above the limit is an error before any byte of the body is
+//! read.
+
+use bytes::Bytes;
 
 /// Bytes of the length prefix.
 pub const HEADER_BYTES: usize = 4;
-/// How much of a frame's buffer is reserved up front when its header arrives.
-const INITIAL_RESERVE: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -23,12 +25,67 @@ pub fn header(len: u32) -> [u8; HEADER_BYTES] {
     len.to_be_bytes()
 }
 
+/// One whole frame's body, as the pieces of the input chunks that carried it, in order.
+#[derive(Debug, Clone, Default)]
+pub struct Frame {
+    pieces: Vec<Bytes>,
+    len: usize,
+}
+
+impl Frame {
+    fn push(&mut self, piece: Bytes) {
+        self.len += piece.len();
+        self.pieces.push(piece);
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn pieces(&self) -> &[Bytes] {
+        &self.pieces
+    }
+
+    /// Copies the body into `out`, which must be exactly [`Frame::len`] bytes long.
+    pub fn copy_to(&self, out: &mut [u8]) {
+        debug_assert_eq!(out.len(), self.len);
+        let mut at = 0;
+        for piece in &self.pieces {
+            let end = (at + piece.len()).min(out.len());
+            out[at..end].copy_from_slice(&piece[..end - at]);
+            at = end;
+        }
+    }
+
+    /// The body in one piece: free when it arrived in one, a copy otherwise.
+    pub fn into_bytes(self) -> Bytes {
+        match <[Bytes; 1]>::try_from(self.pieces) {
+            Ok([one]) => one,
+            Err(pieces) => Bytes::from(pieces.concat()),
+        }
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.pieces.concat()
+    }
+}
+
+impl PartialEq<[u8]> for Frame {
+    fn eq(&self, other: &[u8]) -> bool {
+        self.len == other.len() && self.to_vec() == other
+    }
+}
+
 #[derive(Debug)]
 pub struct FrameDecoder {
     max_len: u32,
     header: [u8; HEADER_BYTES],
     header_filled: usize,
-    body: Vec<u8>,
+    body: Frame,
     body_len: usize,
     in_body: bool,
     /// Frames longer than this (and within `max_len`) are skipped as they arrive, never
@@ -44,7 +101,7 @@ impl FrameDecoder {
             max_len,
             header: [0; HEADER_BYTES],
             header_filled: 0,
-            body: Vec::new(),
+            body: Frame::default(),
             body_len: 0,
             in_body: false,
             discard_above: u32::MAX,
@@ -64,7 +121,7 @@ impl FrameDecoder {
         if self.in_body && self.body_len > len as usize {
             self.discarded.push(self.body_len);
             self.skip_left = self.body_len - self.body.len();
-            self.body = Vec::new();
+            self.body = Frame::default();
             self.in_body = false;
         }
     }
@@ -94,8 +151,9 @@ impl FrameDecoder {
     }
 
     /// Consumes bytes from `input`, returning how many were used and a frame if one was
-    /// completed. Call again with the rest of `input` until it is used up.
-    pub fn decode(&mut self, input: &[u8]) -> Result<(usize, Option<Vec<u8>>), FrameError> {
+    /// completed. Call again with the rest of `input` until it is used up. The frame
+    /// shares `input`'s memory; nothing is copied.
+    pub fn decode(&mut self, input: &Bytes) -> Result<(usize, Option<Frame>), FrameError> {
         let mut used = 0;
         if self.skip_left > 0 {
             let take = self.skip_left.min(input.len());
@@ -125,11 +183,12 @@ impl FrameDecoder {
                 return Ok((used, None));
             }
             self.body_len = len as usize;
-            self.body = Vec::with_capacity(self.body_len.min(INITIAL_RESERVE));
             self.in_body = true;
         }
         let take = (self.body_len - self.body.len()).min(input.len() - used);
-        self.body.extend_from_slice(&input[used..used + take]);
+        if take > 0 {
+            self.body.push(input.slice(used..used + take));
+        }
         used += take;
         if self.body.len() == self.body_len {
             self.in_body = false;
@@ -139,17 +198,14 @@ impl FrameDecoder {
     }
 
     /// Decodes every whole frame in `input`, in order, buffering any partial rest.
-    pub fn decode_all(
-        &mut self,
-        mut input: &[u8],
-        out: &mut Vec<Vec<u8>>,
-    ) -> Result<(), FrameError> {
-        while !input.is_empty() {
-            let (used, frame) = self.decode(input)?;
+    pub fn decode_all(&mut self, input: &Bytes, out: &mut Vec<Frame>) -> Result<(), FrameError> {
+        let mut at = 0;
+        while at < input.len() {
+            let (used, frame) = self.decode(&input.slice(at..))?;
             if let Some(frame) = frame {
                 out.push(frame);
             }
-            input = &input[used..];
+            at += used;
         }
         Ok(())
     }
@@ -159,6 +215,10 @@ impl FrameDecoder {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn bodies(frames: &[Frame]) -> Vec<Vec<u8>> {
+        frames.iter().map(Frame::to_vec).collect()
+    }
 
     fn encode(frames: &[Vec<u8>]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -176,22 +236,44 @@ mod tests {
         let input = encode(&[vec![1; 4], vec![2; 100_000], vec![3; 8]]);
         let mut out = Vec::new();
         for chunk in input.chunks(1000) {
-            d.decode_all(chunk, &mut out)
+            d.decode_all(&Bytes::copy_from_slice(chunk), &mut out)
                 .expect("within the hard limit");
             assert!(d.buffered() <= 8, "a discarded frame is never buffered");
         }
-        assert_eq!(out, vec![vec![1; 4], vec![3; 8]]);
+        assert_eq!(bodies(&out), vec![vec![1; 4], vec![3; 8]]);
         assert_eq!(d.take_discarded(), vec![100_000]);
         assert!(d.is_idle());
+    }
+
+    #[test]
+    fn frames_are_slices_of_the_input_never_copies() {
+        let input = Bytes::from(encode(&[vec![1; 10], vec![2; 3000], vec![3; 5]]));
+        let mut d = FrameDecoder::new(1 << 20);
+        let mut out = Vec::new();
+        for at in (0..input.len()).step_by(1000) {
+            let chunk = input.slice(at..(at + 1000).min(input.len()));
+            d.decode_all(&chunk, &mut out).expect("within limit");
+        }
+        assert_eq!(bodies(&out), vec![vec![1; 10], vec![2; 3000], vec![3; 5]]);
+        let range = input.as_ptr_range();
+        for piece in out.iter().flat_map(Frame::pieces) {
+            let inside = piece.as_ptr_range();
+            assert!(range.start <= inside.start && inside.end <= range.end);
+        }
+        assert_eq!(
+            out[1].pieces().len(),
+            4,
+            "a frame over four chunks is their four slices"
+        );
     }
 
     #[test]
     fn ticks_are_empty_frames() {
         let mut d = FrameDecoder::new(16);
         let mut out = Vec::new();
-        d.decode_all(&[0, 0, 0, 0, 0, 0, 0, 1, 7], &mut out)
+        d.decode_all(&Bytes::from_static(&[0, 0, 0, 0, 0, 0, 0, 1, 7]), &mut out)
             .expect("within limit");
-        assert_eq!(out, vec![vec![], vec![7]]);
+        assert_eq!(bodies(&out), vec![vec![], vec![7]]);
         assert!(d.is_idle());
     }
 
@@ -200,7 +282,7 @@ mod tests {
         let mut d = FrameDecoder::new(1024);
         let mut out = Vec::new();
         assert_eq!(
-            d.decode_all(&[0xff, 0xff, 0xff, 0xff], &mut out),
+            d.decode_all(&Bytes::from_static(&[0xff, 0xff, 0xff, 0xff]), &mut out),
             Err(FrameError::TooLarge {
                 len: 0xffff_ffff,
                 max: 1024
@@ -221,11 +303,11 @@ mod tests {
             let mut i = 0;
             while !rest.is_empty() {
                 let n = cuts[i % cuts.len()].min(rest.len());
-                d.decode_all(&rest[..n], &mut out).expect("within limit");
+                d.decode_all(&Bytes::copy_from_slice(&rest[..n]), &mut out).expect("within limit");
                 rest = &rest[n..];
                 i += 1;
             }
-            prop_assert_eq!(out, frames);
+            prop_assert_eq!(bodies(&out), frames);
             prop_assert!(d.is_idle());
         }
     }

@@ -5,6 +5,7 @@
 //! Input: `[max_len:2, discard_above:2, chunk_seed, bytes...]`.
 #![no_main]
 
+use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use trust_dist_proto::frame::{FrameDecoder, HEADER_BYTES};
 use trust_dist_proto::lanes;
@@ -14,7 +15,9 @@ fn run(max: u32, discard: u32, input: &[u8], chunks: &[usize]) -> (Vec<Vec<u8>>,
     d.set_discard_above(discard);
     let mut frames = Vec::new();
     let mut discarded = Vec::new();
-    let mut rest = input;
+    let whole = Bytes::copy_from_slice(input);
+    let base = whole.as_ptr() as usize;
+    let mut rest = whole.clone();
     let mut i = 0;
     while !rest.is_empty() {
         let n = chunks
@@ -23,18 +26,22 @@ fn run(max: u32, discard: u32, input: &[u8], chunks: &[usize]) -> (Vec<Vec<u8>>,
             .unwrap_or(rest.len());
         let n = n.clamp(1, rest.len());
         i += 1;
-        let mut chunk = &rest[..n];
-        rest = &rest[n..];
+        let mut chunk = rest.split_to(n);
         while !chunk.is_empty() {
-            match d.decode(chunk) {
+            match d.decode(&chunk) {
                 Ok((used, frame)) => {
                     assert!(used <= chunk.len());
                     assert!(used > 0, "progress");
                     if let Some(f) = frame {
                         assert!(f.len() as u64 <= u64::from(max.min(discard)));
-                        frames.push(f);
+                        // A frame is slices of the input, never a copy.
+                        for piece in f.pieces() {
+                            let at = piece.as_ptr() as usize;
+                            assert!(at >= base && at + piece.len() <= base + input.len());
+                        }
+                        frames.push(f.to_vec());
                     }
-                    chunk = &chunk[used..];
+                    let _ = chunk.split_to(used);
                 }
                 Err(_) => return (frames, discarded, true),
             }
@@ -63,7 +70,8 @@ fuzz_target!(|data: &[u8]| {
     let mut d = FrameDecoder::new(max);
     d.set_discard_above(discard);
     let mut out = Vec::new();
-    let r = d.decode_all(input, &mut out);
+    let r = d.decode_all(&Bytes::copy_from_slice(input), &mut out);
+    let out: Vec<Vec<u8>> = out.iter().map(|f| f.to_vec()).collect();
     assert_eq!(r.is_err(), whole.2);
     assert_eq!(out, whole.0);
     for frame in &out {
