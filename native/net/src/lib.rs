@@ -10,10 +10,12 @@
 //! [`LinkEvents`] and [`Acceptor`] traits, implemented by the NIF.
 #![forbid(unsafe_code)]
 
+mod frames;
 mod link;
 pub mod reference;
 mod tls;
 
+pub use frames::{Frames, FramesBuilder};
 pub use link::{DenialReport, Link, LinkEvents, LinkStats, Packet, PacketBuffer, PeerInfo, Sent};
 pub use quinn::ConnectionStats;
 pub use tls::ALPN;

@@ -10,6 +10,7 @@
 //! it writes one byte per tick, so liveness never waits behind bulk data. Every
 //! unidirectional stream starts with one byte that says which it is.
 
+use crate::frames::{Frames, Piece};
 use crate::{tls, unix_now, Acceptor, CarrierShared};
 use bytes::Bytes;
 use std::any::Any;
@@ -548,32 +549,33 @@ impl Link {
     /// and wait for [`LinkEvents::writable`]. Pauses asked for are ignored here; see
     /// [`Link::send_packets`].
     pub fn send(&self, frames: Bytes, packets: u64) -> bool {
-        !self.send_packets(frames, packets).busy
+        let _ = packets;
+        !self.send_frames(Frames::contiguous(frames)).busy
     }
 
     /// Queues packets behind a barrier, whoever sent them: the peer delivers none of them
     /// before everything queued before on any lane (tooling that needs an "everything
     /// before this has been judged" mark on a link, such as the red-team suite). Returns
     /// false when the caller should wait for [`LinkEvents::writable`], as [`Link::send`].
-    pub fn send_barrier(&self, frames: Bytes, packets: u64) -> bool {
-        !self.queue(frames, packets, true).busy
+    pub fn send_barrier(&self, frames: Frames) -> bool {
+        !self.queue(frames, true).busy
     }
 
     /// Queues packets (each already a whole frame: length prefix and body), each on the
     /// lane of its sending process, and says whether the caller should stop, and which
     /// processes should pause.
-    pub fn send_packets(&self, frames: Bytes, packets: u64) -> Sent {
-        self.queue(frames, packets, false)
+    pub fn send_frames(&self, frames: Frames) -> Sent {
+        self.queue(frames, false)
     }
 
-    fn queue(&self, frames: Bytes, packets: u64, all_behind_barrier: bool) -> Sent {
+    fn queue(&self, frames: Frames, all_behind_barrier: bool) -> Sent {
         let shared = &self.shared;
         shared
             .stats
             .packets_out
-            .fetch_add(packets, Ordering::Relaxed);
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
         observe_outgoing(shared, &frames);
-        let (_, pause) = route(shared, frames, all_behind_barrier, true, &|lane| {
+        let (_, pause) = route(shared, &frames, all_behind_barrier, true, &|lane| {
             Some(self.writers[lane].clone())
         });
         let queued = shared.queued.load(Ordering::SeqCst);
@@ -1037,7 +1039,7 @@ enum Outgoing {
 /// Frames split by lane: slices of one buffer, a run of adjacent frames of one lane kept
 /// as one slice.
 struct Split<'a> {
-    frames: &'a Bytes,
+    frames: &'a Frames,
     chunks: Vec<Vec<Bytes>>,
     /// Where the last slice given to each lane starts and ends.
     runs: [Option<(usize, usize)>; LANES],
@@ -1045,7 +1047,7 @@ struct Split<'a> {
 }
 
 impl<'a> Split<'a> {
-    fn new(frames: &'a Bytes) -> Self {
+    fn new(frames: &'a Frames) -> Self {
         Split {
             frames,
             chunks: (0..LANES).map(|_| Vec::new()).collect(),
@@ -1054,17 +1056,27 @@ impl<'a> Split<'a> {
         }
     }
 
+    /// Puts a frame on a lane.
+    fn put_frame(&mut self, lane: usize, frame: &[Piece]) {
+        for piece in frame {
+            match piece {
+                Piece::Buf(range) => self.put(lane, range.start, range.end),
+                Piece::Shared(bytes) => self.put_owned(lane, bytes.clone()),
+            }
+        }
+    }
+
     fn put(&mut self, lane: usize, start: usize, end: usize) {
         self.bytes[lane] += end - start;
         match self.runs[lane] {
             Some((run_start, run_end)) if run_end == start => {
                 if let Some(last) = self.chunks[lane].last_mut() {
-                    *last = self.frames.slice(run_start..end);
+                    *last = self.frames.buf.slice(run_start..end);
                 }
                 self.runs[lane] = Some((run_start, end));
             }
             _ => {
-                self.chunks[lane].push(self.frames.slice(start..end));
+                self.chunks[lane].push(self.frames.buf.slice(start..end));
                 self.runs[lane] = Some((start, end));
             }
         }
@@ -1082,7 +1094,7 @@ impl<'a> Split<'a> {
 /// bytes queued and the senders to pause.
 fn route(
     shared: &Shared,
-    frames: Bytes,
+    frames: &Frames,
     all_behind_barrier: bool,
     pauses: bool,
     writer: &dyn Fn(usize) -> Option<mpsc::UnboundedSender<Outgoing>>,
@@ -1090,32 +1102,36 @@ fn route(
     let Ok(mut state) = shared.lanes.lock() else {
         return (0, Vec::new());
     };
-    let mut split = Split::new(&frames);
-    let mut senders: Vec<(usize, &[u8], &[u8])> = Vec::new();
+    let mut split = Split::new(frames);
+    // (lane, sender pid, whether the packet is a message)
+    let mut senders: Vec<(usize, Vec<u8>, bool)> = Vec::new();
     if !state.data_phase {
-        split.put(0, 0, frames.len());
+        for frame in frames.each() {
+            split.put_frame(0, frame);
+        }
     } else {
-        let mut pos = 0;
-        while pos + frame::HEADER_BYTES <= frames.len() {
-            let len = u32::from_be_bytes([
-                frames[pos],
-                frames[pos + 1],
-                frames[pos + 2],
-                frames[pos + 3],
-            ]) as usize;
-            let end = (pos + frame::HEADER_BYTES + len).min(frames.len());
-            let body = &frames[pos + frame::HEADER_BYTES..end];
-            let lane = if all_behind_barrier {
+        for frame in frames.each() {
+            let head = frames.head(frame);
+            // The head holds the control message unless that itself carries a large
+            // binary; only then is the body put together to read it.
+            let whole;
+            let mut body = head;
+            let mut lane = if all_behind_barrier {
                 Lane::Barrier
             } else {
                 lanes::lane_of(body, state.salt)
             };
+            if lane == Lane::Barrier && frame.len() > 1 && !all_behind_barrier {
+                whole = frames.body(frame);
+                body = &whole;
+                lane = lanes::lane_of(body, state.salt);
+            }
             match lane {
-                _ if body.is_empty() => split.put(0, pos, end),
+                _ if body.is_empty() && frame.len() == 1 => split.put_frame(0, frame),
                 Lane::Sender { lane, pid } => {
-                    split.put(lane, pos, end);
+                    split.put_frame(lane, frame);
                     state.sent[lane] += 1;
-                    senders.push((lane, pid, body));
+                    senders.push((lane, pid.to_vec(), lanes::carries_message(body)));
                 }
                 Lane::Barrier => {
                     if state.sent[1..].iter().any(|&n| n > 0) {
@@ -1123,11 +1139,10 @@ fn route(
                         write_frame(&mut marker, &lanes::encode_barrier(&state.sent));
                         split.put_owned(0, Bytes::from(marker));
                     }
-                    split.put(0, pos, end);
+                    split.put_frame(0, frame);
                     state.sent[0] += 1;
                 }
             }
-            pos = end;
         }
     }
     let Split { chunks, bytes, .. } = split;
@@ -1156,13 +1171,13 @@ fn route(
     }
     // Only a process sending messages pauses, as only messages make the VM suspend a
     // sender on a busy connection; its other signals ride along.
-    for (lane, pid, body) in senders {
-        if state.queued[lane] > LANE_HIGH_WATER
-            && !state.paused[lane].iter().any(|p| p == pid)
-            && lanes::carries_message(body)
+    for (lane, pid, message) in senders {
+        if message
+            && state.queued[lane] > LANE_HIGH_WATER
+            && !state.paused[lane].contains(&pid)
         {
-            state.paused[lane].push(pid.to_vec());
-            pause.push(pid.to_vec());
+            state.paused[lane].push(pid.clone());
+            pause.push(pid);
         }
     }
     (total, pause)
@@ -1476,7 +1491,7 @@ async fn lane_reader(
 
 /// Records what the VM's outgoing packets hand to a restricted peer, before they are
 /// written. `frames` is whole frames, each with its length prefix.
-fn observe_outgoing(shared: &Shared, frames: &[u8]) {
+fn observe_outgoing(shared: &Shared, frames: &Frames) {
     if shared.peer.mode != LinkMode::Restricted {
         return;
     }
@@ -1486,16 +1501,17 @@ fn observe_outgoing(shared: &Shared, frames: &[u8]) {
     let Some(filter) = guard.as_mut() else {
         return;
     };
-    let mut rest = frames;
-    while rest.len() >= frame::HEADER_BYTES {
-        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        let Some(body) = rest.get(frame::HEADER_BYTES..frame::HEADER_BYTES + len) else {
-            return;
+    for frame in frames.each() {
+        let whole;
+        let body = if frame.len() == 1 {
+            frames.head(frame)
+        } else {
+            whole = frames.body(frame);
+            &whole
         };
         if !body.is_empty() {
             filter.observe_outgoing(body);
         }
-        rest = &rest[frame::HEADER_BYTES + len..];
     }
 }
 
@@ -1559,9 +1575,13 @@ fn send_answer(shared: &Shared, answer: Vec<u8>) {
     }
     let mut frame = Vec::with_capacity(frame::HEADER_BYTES + answer.len());
     write_frame(&mut frame, &answer);
-    route(shared, Bytes::from(frame), false, false, &|lane| {
-        shared.writers[lane].upgrade()
-    });
+    route(
+        shared,
+        &Frames::contiguous(Bytes::from(frame)),
+        false,
+        false,
+        &|lane| shared.writers[lane].upgrade(),
+    );
 }
 
 fn report_denial(shared: &Shared, decision: &Decision) {

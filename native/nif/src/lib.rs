@@ -12,10 +12,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use trust_dist_net::{
-    Acceptor, Carrier, DenialReport, Level, Link, LinkEvents, Log, NodeIdentity, Packet,
-    PacketBuffer, PeerInfo, Settings,
+    Acceptor, Carrier, DenialReport, Frames, FramesBuilder, Level, Link, LinkEvents, Log,
+    NodeIdentity, Packet, PacketBuffer, PeerInfo, Settings,
 };
 use trust_dist_proto::etf::{self, Atom, PidKey, Term as Etf};
+use trust_dist_proto::frame;
 use trust_dist_proto::{
     Assertion, AtomTable, Capability, Certificate, NodeId, Policy, PublicKey, Revocations,
     SecretKey, TierOrder, TierPolicy,
@@ -727,8 +728,8 @@ fn send<'a>(
     link: ResourceArc<LinkResource>,
     packets: Vec<Term<'a>>,
 ) -> NifResult<Term<'a>> {
-    let (frames, count) = frame_packets(&packets)?;
-    let sent = link.link.send_packets(frames, count);
+    let frames = frame_packets(&packets)?;
+    let sent = link.link.send_frames(frames);
     let status = if sent.busy {
         atoms::busy()
     } else {
@@ -746,40 +747,99 @@ fn send<'a>(
 /// need an "everything before this has been judged" mark on a link.
 #[rustler::nif]
 fn send_barrier(link: ResourceArc<LinkResource>, packets: Vec<Term>) -> NifResult<rustler::Atom> {
-    let (frames, count) = frame_packets(&packets)?;
-    Ok(if link.link.send_barrier(frames, count) {
+    let frames = frame_packets(&packets)?;
+    Ok(if link.link.send_barrier(frames) {
         atoms::ok()
     } else {
         atoms::busy()
     })
 }
 
-/// Each packet (a binary or a list of binaries) as a length-prefixed frame, all in one
-/// buffer.
-fn frame_packets(packets: &[Term]) -> NifResult<(Bytes, u64)> {
-    let mut parts: Vec<Vec<Binary>> = Vec::with_capacity(packets.len());
-    let mut total = 0usize;
+/// Binaries at least this long are sent from where the VM keeps them; shorter ones are
+/// copied, which costs less than keeping a reference.
+const SHARE_AT: usize = 64 * 1024;
+
+/// Each packet (a binary or a list of binaries) as a length-prefixed frame.
+fn frame_packets(packets: &[Term]) -> NifResult<Frames> {
+    let mut parts: Vec<Vec<Term>> = Vec::with_capacity(packets.len());
+    let mut copied = 0usize;
     for packet in packets {
-        let chunks: Vec<Binary> = match packet.decode::<Binary>() {
-            Ok(bin) => vec![bin],
-            Err(_) => packet.decode::<Vec<Binary>>()?,
+        let chunks: Vec<Term> = if packet.is_binary() {
+            vec![*packet]
+        } else {
+            packet.decode::<Vec<Term>>()?
         };
-        let len: usize = chunks.iter().map(|c| c.len()).sum();
+        let mut len = 0usize;
+        for chunk in &chunks {
+            let bin = chunk.decode::<Binary>()?;
+            len += bin.len();
+            if bin.len() < SHARE_AT {
+                copied += bin.len();
+            }
+        }
         if u32::try_from(len).is_err() {
             return Err(rustler::Error::BadArg);
         }
-        total += 4 + len;
+        copied += frame::HEADER_BYTES;
         parts.push(chunks);
     }
-    let mut buf = Vec::with_capacity(total);
+    let mut frames = FramesBuilder::with_capacity(copied);
     for chunks in &parts {
-        let len: usize = chunks.iter().map(|c| c.len()).sum();
-        buf.extend_from_slice(&(len as u32).to_be_bytes());
-        for c in chunks {
-            buf.extend_from_slice(c.as_slice());
+        let bins = chunks
+            .iter()
+            .map(|c| c.decode::<Binary>())
+            .collect::<NifResult<Vec<Binary>>>()?;
+        let len: usize = bins.iter().map(|b| b.len()).sum();
+        frames.begin(len as u32);
+        for (bin, term) in bins.iter().zip(chunks) {
+            if bin.len() >= SHARE_AT {
+                frames.share(vm_bytes(*term).ok_or(rustler::Error::BadArg)?);
+            } else {
+                frames.copy(bin.as_slice());
+            }
         }
     }
-    Ok((Bytes::from(buf), parts.len() as u64))
+    Ok(frames.finish())
+}
+
+/// A binary's bytes where the VM keeps them, kept alive by a reference of our own: no
+/// copy, however large.
+fn vm_bytes(term: Term) -> Option<Bytes> {
+    let env = OwnedEnv::new();
+    let saved = env.save(term);
+    let (ptr, len) = env.run(|env| {
+        let bin = saved.load(env).decode::<Binary>().ok()?;
+        Some((bin.as_slice().as_ptr(), bin.len()))
+    })?;
+    Some(Bytes::from_owner(VmBytes {
+        _env: env,
+        ptr,
+        len,
+    }))
+}
+
+/// Bytes of a binary held by a process-independent environment.
+struct VmBytes {
+    // The environment holds a reference to the binary (its refcount), which keeps its
+    // bytes where they are until it is freed, whichever thread drops this.
+    _env: OwnedEnv,
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the bytes are immutable (a VM binary never changes once made, an appendable
+// one only grows past what was taken here) and stay allocated while `_env` holds its
+// reference; `OwnedEnv` is itself `Send`.
+unsafe impl Send for VmBytes {}
+// SAFETY: only read, never written, through `as_ref`.
+unsafe impl Sync for VmBytes {}
+
+impl AsRef<[u8]> for VmBytes {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr` and `len` describe the binary's bytes as the VM gave them; see
+        // the `Send` note above for why they stay valid and unchanged.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
 }
 
 /// Pids from their external form as packets carry them (no version byte); any that do
