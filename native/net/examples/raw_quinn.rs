@@ -1,4 +1,4 @@
-//! `cargo run --release -p trust_dist_net --example raw_quinn [SECONDS]`: the bare
+//! `cargo run --release -p trust_dist_net --example raw_quinn [SECONDS [RUNS]]`: the bare
 //! transport on loopback (see `trust_dist_net::reference`), printed as one line of
 //! `key=value` pairs for `make bench`.
 use trust_dist_net::reference;
@@ -8,7 +8,11 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse::<f64>().ok())
         .unwrap_or(3.0);
-    match reference::measure(&[64 * 1024, 1024 * 1024], seconds, 5_000) {
+    let runs = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(1);
+    match reference::measure(&[64 * 1024, 1024 * 1024], seconds, runs, 5_000) {
         Ok(r) => {
             let mut line = String::new();
             for (size, mb) in &r.throughput {

@@ -827,9 +827,10 @@ struct VmBytes {
     len: usize,
 }
 
-// SAFETY: the bytes are immutable (a VM binary never changes once made, an appendable
-// one only grows past what was taken here) and stay allocated while `_env` holds its
-// reference; `OwnedEnv` is itself `Send`.
+// SAFETY: the bytes stay allocated while `_env` holds its reference, and do not change:
+// the binaries `dist_ctrl_get_data` hands out are the same ones ERTS gives a port driver
+// to write at its own pace, which it guarantees immutable (a binary still open for
+// appending is made ordinary before it is shared). `OwnedEnv` is itself `Send`.
 unsafe impl Send for VmBytes {}
 // SAFETY: only read, never written, through `as_ref`.
 unsafe impl Sync for VmBytes {}
