@@ -1172,10 +1172,7 @@ fn route(
     // Only a process sending messages pauses, as only messages make the VM suspend a
     // sender on a busy connection; its other signals ride along.
     for (lane, pid, message) in senders {
-        if message
-            && state.queued[lane] > LANE_HIGH_WATER
-            && !state.paused[lane].contains(&pid)
-        {
+        if message && state.queued[lane] > LANE_HIGH_WATER && !state.paused[lane].contains(&pid) {
             state.paused[lane].push(pid.clone());
             pause.push(pid);
         }
