@@ -940,9 +940,13 @@ redteam_snapshot(Attacker, Witness) ->
       attacker_refused => lists:sum([maps:get(denied, L, 0) || L <- trust_dist:links(),
                                                               maps:get(node, L) =:= Attacker])}.
 
-%% On the victim, after a case: waits until `results' has {sync, Tag} (every packet of
-%% the case was judged and the link is still up: `synced') or the connection to the
-%% attacker is gone or replaced (`closed'), at most Ms (`timeout').
+%% On the victim, after a case: waits until the connection to the attacker is gone or
+%% replaced (`closed') or `results' has {sync, Tag} and the filter has not closed the
+%% link (every packet of the case was judged and the link is still up: `synced'), at
+%% most Ms (`timeout'). The sync alone does not say the link is up: the barrier holds it
+%% back only until the packets before it are judged, so when one of them makes the
+%% filter close the link, the sync may still go up (from another lane's delivery) before
+%% the close takes effect; then this waits until the connection is gone.
 redteam_settle(Tag, Attacker, Connection, Ms) ->
     redteam_settle(Tag, Attacker, Connection, erlang:monotonic_time(millisecond) + Ms, 0).
 
@@ -951,15 +955,26 @@ redteam_settle(Tag, Attacker, Connection, Deadline, N) ->
                  Seen when is_list(Seen) -> lists:member({info, {sync, Tag}}, Seen);
                  _ -> false
              end,
+    Kept = Synced andalso filter_kept(Attacker),
     Gone = Connection =/= none andalso connection_id(Attacker) =/= Connection,
     Now = erlang:monotonic_time(millisecond),
     if
-        Synced -> synced;
         Gone -> closed;
+        Kept -> synced;
         Now > Deadline -> timeout;
         true ->
             timer:sleep(min(5 * (N + 1), 50)),
             redteam_settle(Tag, Attacker, Connection, Deadline, N + 1)
+    end.
+
+%% Whether the newest link to Node (trust_dist:links/0 lists it first) is still listed
+%% and no packet made its filter close it: the `closed' counts are taken when a packet is
+%% judged, before anything behind it goes up.
+filter_kept(Node) ->
+    case [L || L <- trust_dist:links(), maps:get(node, L) =:= Node] of
+        [#{counters := Counters} | _] ->
+            lists:sum([maps:get(closed, ByOutcome, 0) || ByOutcome <- maps:values(Counters)]) =:= 0;
+        [] -> false
     end.
 
 %% The atoms created on this node since the atom table held Count (at most Max of them),

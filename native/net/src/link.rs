@@ -280,6 +280,9 @@ struct Inbox {
     ticks_opened: bool,
     /// The lane the next delivery pass starts with.
     next_lane: usize,
+    /// Why the filter closed the link, once it has: from then on nothing goes up, from
+    /// any lane, even before the close itself takes effect.
+    refused: Option<String>,
 }
 
 impl Default for Inbox {
@@ -293,6 +296,7 @@ impl Default for Inbox {
             ended: [false; LANES],
             ticks_opened: false,
             next_lane: 0,
+            refused: None,
         }
     }
 }
@@ -1716,6 +1720,10 @@ fn deliver(shared: &Shared, drain: bool) -> Pass {
             pass.close = Some("link inbox lost".into());
             return pass;
         };
+        if let Some(why) = &inbox.refused {
+            pass.close = Some(why.clone());
+            return pass;
+        }
         'passes: loop {
             let mut moved = false;
             for k in 0..LANES {
@@ -1757,6 +1765,7 @@ fn deliver(shared: &Shared, drain: bool) -> Pass {
                                 }
                                 Judged::Skip => {}
                                 Judged::Close(why) => {
+                                    inbox.refused = Some(why.clone());
                                     pass.close = Some(why);
                                     break 'passes;
                                 }
