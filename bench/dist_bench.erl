@@ -894,6 +894,13 @@ link_info(B) ->
         false -> []
     end.
 
+%% Why a sender never finished: its state (suspended by whom, waiting where) and the
+%% link's counters, so that a rare stall can be told from a slow link afterwards.
+stuck_report(P, B) ->
+    #{sender => erlang:process_info(P, [status, current_function, message_queue_len]),
+      links => [maps:with([queued, packets_out, packets_in, bytes_out, bytes_in, quic], L)
+                || L <- link_info(B)]}.
+
 printable(V) when is_binary(V); is_number(V); is_atom(V) -> V;
 printable(V) -> list_to_binary(fmt("~0p", [V])).
 
@@ -1057,7 +1064,7 @@ rate(B, Senders, Size, DurMs, WaitMs) ->
               T0 = erlang:monotonic_time(nanosecond),
               [P ! {go, T0 + DurMs * 1000000} || P <- Pids],
               Sent = lists:sum([receive {sent, P, C} -> C
-                                after DurMs + WaitMs -> exit(sender_stuck)
+                                after DurMs + WaitMs -> exit({sender_stuck, stuck_report(P, B)})
                                 end || P <- Pids]),
               Got = collect_sinks(Sinks, 0, erlang:monotonic_time(millisecond) + WaitMs),
               T1 = erlang:monotonic_time(nanosecond),
