@@ -1076,9 +1076,20 @@ rate(B, Senders, Size, DurMs, WaitMs) ->
                              seconds => Secs, msgs_per_s => Sent / Secs,
                              mb_per_s => Sent * Size / 1.0e6 / Secs}};
                   {ok, N} -> {error, fmt("B received ~b of ~b messages", [N, Sent])};
-                  timeout -> {error, fmt("B did not confirm all messages within ~b ms", [WaitMs])}
+                  timeout -> {error, fmt("B did not confirm all messages within ~b ms; ~0p",
+                                         [WaitMs, stall_report(B)])}
               end
       end, budget(rate, {DurMs, WaitMs})).
+
+%% Both ends' view of a link that stopped moving: what each has queued, sent and received,
+%% and QUIC's flow-control frames (a peer that stopped reading shows *_BLOCKED frames).
+stall_report(B) ->
+    Keys = [queued, packets_out, packets_in, bytes_out, bytes_in, quic],
+    Them = case catch erpc:call(B, trust_dist, links, [], 5000) of
+               L when is_list(L) -> [maps:with(Keys, M) || M <- L, maps:get(node, M) =:= node()];
+               Other -> Other
+           end,
+    #{a => [maps:with(Keys, M) || M <- link_info(B)], b => Them}.
 
 collect_sinks([], Acc, _Deadline) -> {ok, Acc};
 collect_sinks([S | Rest], Acc, Deadline) ->
