@@ -19,7 +19,7 @@
 %% orchestrator
 -export([main/1]).
 %% run on the benchmark nodes
--export([connect/2, rtt/4, throughput/6, rate/5, load_ping/6,
+-export([connect/2, rtt/4, throughput/6, rate/6, load_ping/6,
          echo/0, sink/0, os_pid/0]).
 
 -define(CARRIERS, [inet_tcp, inet_tls, trust, trust_restricted, raw_quinn]).
@@ -231,7 +231,7 @@ bench_with(Carrier, Ctx) ->
          {rate_100b, fun(#{a := A, b := B}) ->
                              Ms = maps:get(rate_ms, P),
                              W = maps:get(wait_ms, P),
-                             call(A, rate, [node_of(B), maps:get(rate_senders, P), 100, Ms, W],
+                             call(A, rate, [node_of(B), os_pid_of(B), maps:get(rate_senders, P), 100, Ms, W],
                                   budget(rate, {Ms, W}))
                      end},
          {load_ping, fun(#{a := A, b := B}) ->
@@ -1047,7 +1047,7 @@ proc_cpu(OsPid) ->
 
 %% Metric 3: Senders processes on A, each streaming Size-byte binaries to its own sink on
 %% B for DurMs; messages/s = all messages / time until every sink has confirmed.
-rate(B, Senders, Size, DurMs, WaitMs) ->
+rate(B, BOsPid, Senders, Size, DurMs, WaitMs) ->
     isolated(
       fun() ->
               Self = self(),
@@ -1064,7 +1064,8 @@ rate(B, Senders, Size, DurMs, WaitMs) ->
               T0 = erlang:monotonic_time(nanosecond),
               [P ! {go, T0 + DurMs * 1000000} || P <- Pids],
               Sent = lists:sum([receive {sent, P, C} -> C
-                                after DurMs + WaitMs -> exit({sender_stuck, stuck_report(P, B)})
+                                after DurMs + WaitMs ->
+                                        exit({sender_stuck, stuck_report(P, B), threads(BOsPid)})
                                 end || P <- Pids]),
               Got = collect_sinks(Sinks, 0, erlang:monotonic_time(millisecond) + WaitMs),
               T1 = erlang:monotonic_time(nanosecond),
@@ -1076,10 +1077,22 @@ rate(B, Senders, Size, DurMs, WaitMs) ->
                              seconds => Secs, msgs_per_s => Sent / Secs,
                              mb_per_s => Sent * Size / 1.0e6 / Secs}};
                   {ok, N} -> {error, fmt("B received ~b of ~b messages", [N, Sent])};
-                  timeout -> {error, fmt("B did not confirm all messages within ~b ms; ~0p",
-                                         [WaitMs, stall_report(B)])}
+                  timeout -> {error, fmt("B did not confirm all messages within ~b ms; ~0p; ~ts",
+                                         [WaitMs, stall_report(B), threads(BOsPid)])}
               end
       end, budget(rate, {DurMs, WaitMs})).
+
+%% Where every thread of B's OS process is (gdb, when installed), written to a file whose
+%% name is returned: a transport thread blocked on a lock shows there.
+threads(OsPid) ->
+    case os:find_executable("gdb") of
+        false -> "no gdb for a thread dump of B";
+        Gdb ->
+            File = fmt("/tmp/dist_bench_stall_~s_~b.txt", [OsPid, erlang:system_time(second)]),
+            _ = os:cmd(fmt("~ts -p ~s -batch -ex 'thread apply all bt 40' > ~ts 2>&1",
+                           [Gdb, OsPid, File])),
+            "thread dump of B: " ++ File
+    end.
 
 %% Both ends' view of a link that stopped moving: what each has queued, sent and received,
 %% and QUIC's flow-control frames (a peer that stopped reading shows *_BLOCKED frames).
