@@ -15,15 +15,6 @@ pub(crate) enum Piece {
     Shared(Bytes),
 }
 
-impl Piece {
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            Piece::Buf(range) => range.len(),
-            Piece::Shared(bytes) => bytes.len(),
-        }
-    }
-}
-
 /// Whole frames for the peer, in order. Every frame's first piece is a range of the
 /// shared buffer that starts with its length prefix.
 #[derive(Debug, Clone, Default)]
@@ -64,11 +55,6 @@ impl Frames {
 
     pub fn is_empty(&self) -> bool {
         self.ends.is_empty()
-    }
-
-    /// Bytes of all frames, prefixes included.
-    pub fn bytes(&self) -> usize {
-        self.pieces.iter().map(Piece::len).sum()
     }
 
     /// The pieces of each frame, in order.
@@ -208,7 +194,6 @@ mod tests {
         b.copy(b"z");
         let frames = b.finish();
         assert_eq!(frames.len(), 2);
-        assert_eq!(frames.bytes(), 4 + 3 + 4 + 103);
         let all = flat(&frames);
         assert_eq!(all[0], [0, 0, 0, 3, b'a', b'b', b'c']);
         assert_eq!(&all[1][..6], &[0, 0, 0, 103, b'x', b'y']);

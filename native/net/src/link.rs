@@ -14,6 +14,7 @@ use crate::frames::{Frames, Piece};
 use crate::{tls, unix_now, Acceptor, CarrierShared};
 use bytes::Bytes;
 use std::any::Any;
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -552,8 +553,7 @@ impl Link {
     /// Returns false when the queue is above its high-water mark: the caller should stop
     /// and wait for [`LinkEvents::writable`]. Pauses asked for are ignored here; see
     /// [`Link::send_packets`].
-    pub fn send(&self, frames: Bytes, packets: u64) -> bool {
-        let _ = packets;
+    pub fn send(&self, frames: Bytes) -> bool {
         !self.send_frames(Frames::contiguous(frames)).busy
     }
 
@@ -1107,8 +1107,8 @@ fn route(
         return (0, Vec::new());
     };
     let mut split = Split::new(frames);
-    // (lane, sender pid, whether the packet is a message)
-    let mut senders: Vec<(usize, Vec<u8>, bool)> = Vec::new();
+    // The lanes and pids of the processes that sent messages here: only they may pause.
+    let mut senders: Vec<(usize, Cow<[u8]>)> = Vec::new();
     if !state.data_phase {
         for frame in frames.each() {
             split.put_frame(0, frame);
@@ -1116,28 +1116,39 @@ fn route(
     } else {
         for frame in frames.each() {
             let head = frames.head(frame);
-            // The head holds the control message unless that itself carries a large
-            // binary; only then is the body put together to read it.
-            let whole;
-            let mut body = head;
-            let mut lane = if all_behind_barrier {
-                Lane::Barrier
+            let sender = if all_behind_barrier {
+                None
             } else {
-                lanes::lane_of(body, state.salt)
+                match lanes::lane_of(head, state.salt) {
+                    Lane::Sender { lane, pid } => {
+                        Some((lane, Cow::Borrowed(pid), lanes::carries_message(head)))
+                    }
+                    // The head holds the control message unless that itself carries a
+                    // large binary; only then is the body put together to read it.
+                    Lane::Barrier if frame.len() > 1 => {
+                        let whole = frames.body(frame);
+                        match lanes::lane_of(&whole, state.salt) {
+                            Lane::Sender { lane, pid } => Some((
+                                lane,
+                                Cow::Owned(pid.to_vec()),
+                                lanes::carries_message(&whole),
+                            )),
+                            Lane::Barrier => None,
+                        }
+                    }
+                    Lane::Barrier => None,
+                }
             };
-            if lane == Lane::Barrier && frame.len() > 1 && !all_behind_barrier {
-                whole = frames.body(frame);
-                body = &whole;
-                lane = lanes::lane_of(body, state.salt);
-            }
-            match lane {
-                _ if body.is_empty() && frame.len() == 1 => split.put_frame(0, frame),
-                Lane::Sender { lane, pid } => {
+            match sender {
+                _ if head.is_empty() && frame.len() == 1 => split.put_frame(0, frame),
+                Some((lane, pid, message)) => {
                     split.put_frame(lane, frame);
                     state.sent[lane] += 1;
-                    senders.push((lane, pid.to_vec(), lanes::carries_message(body)));
+                    if message && !senders.iter().any(|(l, p)| *l == lane && *p == pid) {
+                        senders.push((lane, pid));
+                    }
                 }
-                Lane::Barrier => {
+                None => {
                     if state.sent[1..].iter().any(|&n| n > 0) {
                         let mut marker = Vec::with_capacity(frame::HEADER_BYTES + 1 + 8 * LANES);
                         write_frame(&mut marker, &lanes::encode_barrier(&state.sent));
@@ -1175,10 +1186,10 @@ fn route(
     }
     // Only a process sending messages pauses, as only messages make the VM suspend a
     // sender on a busy connection; its other signals ride along.
-    for (lane, pid, message) in senders {
-        if message && state.queued[lane] > LANE_HIGH_WATER && !state.paused[lane].contains(&pid) {
-            state.paused[lane].push(pid.clone());
-            pause.push(pid);
+    for (lane, pid) in senders {
+        if state.queued[lane] > LANE_HIGH_WATER && !state.paused[lane].iter().any(|p| **p == *pid) {
+            state.paused[lane].push(pid.to_vec());
+            pause.push(pid.into_owned());
         }
     }
     (total, pause)

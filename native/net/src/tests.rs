@@ -158,7 +158,7 @@ impl End {
         for body in bodies {
             buf.extend_from_slice(&framed(body));
         }
-        self.link.send(Bytes::from(buf), bodies.len() as u64)
+        self.link.send(Bytes::from(buf))
     }
 
     /// Sends every packet, a few per write, waiting for `writable` whenever told busy.
@@ -1310,9 +1310,7 @@ fn an_oversized_frame_closes_only_its_own_link() {
     assert!(b1.receive(1) == vec![biggest]);
 
     // A header announcing one byte more, and nothing after it.
-    assert!(a1
-        .link
-        .send(Bytes::from((MAX + 1).to_be_bytes().to_vec()), 1));
+    assert!(a1.link.send(Bytes::from((MAX + 1).to_be_bytes().to_vec())));
     let needle = format!(
         "frame of {} bytes exceeds the limit of {MAX} bytes",
         MAX + 1
@@ -1376,7 +1374,7 @@ fn shutdown_with_live_links_is_prompt_and_closes_them() {
         assert!(why.contains("node stopping"), "{why}");
     }
     // Handles that outlive their carrier are harmless.
-    let _ = b_from_a.link.send(Bytes::from_static(b"\0\0\0\x01x"), 1);
+    let _ = b_from_a.link.send(Bytes::from_static(b"\0\0\0\x01x"));
     b_from_a.link.tick();
     drop((b_from_a, b_from_c));
 }

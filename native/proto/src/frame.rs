@@ -61,22 +61,8 @@ impl Frame {
         }
     }
 
-    /// The body in one piece: free when it arrived in one, a copy otherwise.
-    pub fn into_bytes(self) -> Bytes {
-        match <[Bytes; 1]>::try_from(self.pieces) {
-            Ok([one]) => one,
-            Err(pieces) => Bytes::from(pieces.concat()),
-        }
-    }
-
     pub fn to_vec(&self) -> Vec<u8> {
         self.pieces.concat()
-    }
-}
-
-impl PartialEq<[u8]> for Frame {
-    fn eq(&self, other: &[u8]) -> bool {
-        self.len == other.len() && self.to_vec() == other
     }
 }
 
