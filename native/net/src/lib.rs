@@ -88,6 +88,8 @@ pub struct Settings {
     pub max_frame: u32,
     /// Bytes handed to the VM and not yet acknowledged, per link, before reading pauses.
     pub recv_credit: usize,
+    /// Most packets handed to the VM in one batch (one message to its input handler).
+    pub batch_packets: usize,
     /// Bytes queued for QUIC above which the VM is told to stop sending.
     pub send_high_water: usize,
     /// Bytes queued below which a stopped sender is told to go on.
@@ -105,6 +107,7 @@ impl Default for Settings {
         Settings {
             max_frame: 128 * 1024 * 1024,
             recv_credit: 8 * 1024 * 1024,
+            batch_packets: 256,
             send_high_water: 8 * 1024 * 1024,
             send_low_water: 2 * 1024 * 1024,
             idle_timeout: Duration::from_secs(60),

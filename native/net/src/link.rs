@@ -37,10 +37,9 @@ const READ_CHUNK: usize = 256 * 1024;
 const PRE_START_BUFFER: usize = 64 * 1024;
 /// How long a graceful close waits for the peer to acknowledge what was sent.
 pub const CLOSE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
-/// Most packets, and about the most bytes, handed to the VM in one message: a batch is
-/// built on the transport's one thread, and a smaller one lets other lanes' work run
-/// in between.
-const MAX_BATCH: usize = 256;
+/// About the most bytes handed to the VM in one message (the most packets is
+/// `Settings::batch_packets`): a batch is built on the transport's one thread, and a
+/// smaller one lets other lanes' work run in between.
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Bytes queued on one lane above which the processes sending on it are paused (the
 /// layer above suspends them, as a busy connection would), and below which they resume.
@@ -1486,7 +1485,9 @@ async fn lane_reader(
         }
         // Hand up what came, from this task: waking the link's reader to do it would
         // cost every packet of lanes 1.. a task switch. That reader still takes over
-        // whenever credit runs out (it waits for acks) or the link must close.
+        // whenever credit runs out (it waits for acks), a chunk brought more than one
+        // batch (it passes again until nothing moves; this lane may never bring another
+        // chunk to pass again for) or the link must close.
         let pass = if shared.data_started.load(Ordering::SeqCst) {
             deliver(shared, false)
         } else {
@@ -1495,7 +1496,7 @@ async fn lane_reader(
         if let Some(why) = pass.close {
             return Err(why);
         }
-        if pass.credit_blocked || !pass.progress {
+        if pass.credit_blocked || pass.full || !pass.progress {
             shared.arrived.notify_one();
         }
     }
@@ -1713,6 +1714,8 @@ struct Pass {
     progress: bool,
     /// A lane had a packet waiting that its credit did not allow.
     credit_blocked: bool,
+    /// The batch filled up: more may be deliverable now, and someone must come back for it.
+    full: bool,
     /// The filter ended the link, after what was judged deliverable before went up.
     close: Option<String>,
 }
@@ -1722,6 +1725,7 @@ struct Pass {
 /// counts. Lanes take turns, so none waits behind another's backlog.
 fn deliver(shared: &Shared, drain: bool) -> Pass {
     let credit = shared.carrier.settings.recv_credit;
+    let max_batch = shared.carrier.settings.batch_packets.max(1);
     let mut pass = Pass::default();
     let mut batch = Vec::new();
     let mut taken = [0usize; LANES];
@@ -1739,7 +1743,7 @@ fn deliver(shared: &Shared, drain: bool) -> Pass {
             let mut moved = false;
             for k in 0..LANES {
                 let lane = (inbox.next_lane + k) % LANES;
-                while batch.len() < MAX_BATCH && taken_total < MAX_BATCH_BYTES {
+                while batch.len() < max_batch && taken_total < MAX_BATCH_BYTES {
                     let ready = match inbox.lanes[lane].front() {
                         None => break,
                         Some(Item::Barrier(counts)) => inbox.barrier_met(counts),
@@ -1786,8 +1790,9 @@ fn deliver(shared: &Shared, drain: bool) -> Pass {
                 }
             }
             pass.progress |= moved;
+            pass.full = batch.len() >= max_batch || taken_total >= MAX_BATCH_BYTES;
             // Another round only if this one moved something that may meet a barrier.
-            if !moved || batch.len() >= MAX_BATCH || taken_total >= MAX_BATCH_BYTES {
+            if !moved || pass.full {
                 break;
             }
         }

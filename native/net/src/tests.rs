@@ -972,6 +972,34 @@ fn busy_lanes_and_barriers_under_slow_acks_all_arrive_in_order() {
     }
 }
 
+/// A lane's reader hands up at most one batch per chunk it reads. When a chunk brings
+/// more than a batch (QUIC coalesces a stream's buffered data into large chunks when the
+/// receiver falls behind), the rest must still go up once the sender has gone quiet;
+/// nothing else would wake the link for it. A batch of four makes any multi-frame chunk
+/// such a chunk.
+#[test]
+fn a_chunk_of_more_than_a_batch_is_handed_up_whole_without_more_traffic() {
+    let (a, b) = two_nodes(
+        settings(),
+        Settings {
+            batch_packets: 4,
+            ..settings()
+        },
+    );
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    // Three senders, so most packets travel on lanes other than lane 0.
+    let packets: Vec<Vec<u8>> = (0..600u32)
+        .map(|i| send_sender(2000 + i % 3, &i.to_be_bytes()))
+        .collect();
+    assert!(a_end.send(&packets.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+    let got = b_end.receive(packets.len());
+    for sender in 0..3u32 {
+        let sent: Vec<&Vec<u8>> = packets.iter().skip(sender as usize).step_by(3).collect();
+        let arrived: Vec<&Vec<u8>> = got.iter().filter(|p| sent.contains(p)).collect();
+        assert_eq!(arrived, sent, "sender {sender}'s packets out of order");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. Refusals: none reaches the acceptor, and the reason names the cause.
 
