@@ -20,7 +20,7 @@
 -export([main/1]).
 %% run on the benchmark nodes
 -export([connect/2, rtt/4, throughput/6, rate/6, load_ping/6,
-         echo/0, sink/0, os_pid/0]).
+         echo/0, echo_stamped/0, sink/0, os_pid/0]).
 
 -define(CARRIERS, [inet_tcp, inet_tls, trust, trust_restricted, raw_quinn]).
 %% The carriers of the loss rows: the anchor and trust's two link modes. inet_tls would
@@ -910,6 +910,31 @@ echo() ->
         stop -> ok
     end.
 
+%% An echo that also says when the ping reached it (the OS's real-time clock, which
+%% both nodes on this machine share), so a slow round trip is split into its two ways.
+echo_stamped() ->
+    receive
+        {From, Msg} -> From ! {self(), Msg, os:system_time(nanosecond)}, echo_stamped();
+        stop -> ok
+    end.
+
+get_list(Key) ->
+    case get(Key) of
+        undefined -> [];
+        L -> L
+    end.
+
+%% The one-way times of the pings, A to B (beside the bulk transfer) and B to A.
+ping_splits() ->
+    case erase(ping_splits) of
+        Splits when is_list(Splits), Splits =/= [] ->
+            #{p50_us := AB50, p99_us := AB99} = stats([F || {F, _} <- Splits]),
+            #{p50_us := BA50, p99_us := BA99} = stats([B || {_, B} <- Splits]),
+            #{a_to_b_p50_us => AB50, a_to_b_p99_us => AB99,
+              b_to_a_p50_us => BA50, b_to_a_p99_us => BA99};
+        _ -> #{}
+    end.
+
 %% Counts everything it gets; `{done, From, Expected}' reports the count once it reaches
 %% Expected and resets it. Waiting for the count matters when `done' comes from another
 %% process than the messages: Erlang orders messages per sender only, and a carrier
@@ -945,7 +970,8 @@ ping(Echo, StarveMs) ->
     T0 = erlang:monotonic_time(nanosecond),
     Echo ! {self(), p},
     receive
-        {Echo, p} -> {ok, erlang:monotonic_time(nanosecond) - T0}
+        {Echo, p} -> {ok, erlang:monotonic_time(nanosecond) - T0};
+        {Echo, p, _} -> {ok, erlang:monotonic_time(nanosecond) - T0}
     after StarveMs -> starved
     end.
 
@@ -1120,7 +1146,7 @@ load_ping(B, Size, DurMs, StarveMs, WaitMs, #{warm := Warm, lead_ms := LeadMs}) 
     isolated(
       fun() ->
               Self = self(),
-              Echo = spawn(B, ?MODULE, echo, []),
+              Echo = spawn(B, ?MODULE, echo_stamped, []),
               Sink = spawn_sink(B),
               {ok, Idle} = pings(Echo, Warm, StarveMs, []),
               {ok, 0} = sink_sync(Sink, WaitMs),
@@ -1130,7 +1156,9 @@ load_ping(B, Size, DurMs, StarveMs, WaitMs, #{warm := Warm, lead_ms := LeadMs}) 
               timer:sleep(LeadMs),   % let the bulk sender fill the pipe
               Deadline = erlang:monotonic_time(nanosecond) + DurMs * 1000000,
               Pinger = spawn(fun() -> pinger(Self, Echo, Deadline) end),
+              Sampler = spawn(fun() -> quic_sampler(B, []) end),
               Pings = collect_pings(Pinger, StarveMs, []),
+              Quic = maps:merge(quic_samples(Sampler), ping_splits()),
               %% If starved: did the ping never leave A (sender suspended on a busy
               %% link) or is its reply outstanding (waiting in receive)?
               PingerState = printable(erlang:process_info(Pinger, [status, current_function])),
@@ -1166,8 +1194,8 @@ load_ping(B, Size, DurMs, StarveMs, WaitMs, #{warm := Warm, lead_ms := LeadMs}) 
                       end,
               %% the idle round trip, for comparison (and, on the impaired wire, as
               %% proof of its delay)
-              Bulk2 = Bulk1#{idle_p50_us => maps:get(p50_us, stats(Idle)), idle_n => Warm,
-                             lead_ms => LeadMs},
+              Bulk2 = maps:merge(Bulk1#{idle_p50_us => maps:get(p50_us, stats(Idle)),
+                                        idle_n => Warm, lead_ms => LeadMs}, Quic),
               case Pings of
                   {ok, Samples} when Samples =/= [] ->
                       {ok, maps:merge((stats(Samples))#{starved => false}, Bulk2)};
@@ -1177,6 +1205,36 @@ load_ping(B, Size, DurMs, StarveMs, WaitMs, #{warm := Warm, lead_ms := LeadMs}) 
                                             pinger_state => PingerState}, Bulk2)}
               end
       end, budget(load_ping, {DurMs, StarveMs, WaitMs})).
+
+%% QUIC's own view of the path while the ping test runs (trust only): its RTT estimate
+%% and congestion window, sampled every 20 ms. A ping that waits while QUIC's RTT stays
+%% low waits above the transport; one that waits with it waits in the transport's queues.
+quic_sampler(B, Acc) ->
+    receive
+        {stop, From} -> From ! {quic_samples, self(), Acc}
+    after 20 ->
+            Sample = [{Rtt, Cwnd} || #{node := N, quic := #{rtt_us := Rtt, cwnd := Cwnd}}
+                                         <- catch_links(), N =:= B],
+            quic_sampler(B, Sample ++ Acc)
+    end.
+
+catch_links() ->
+    case catch trust_dist:links() of
+        L when is_list(L) -> L;
+        _ -> []
+    end.
+
+quic_samples(Sampler) ->
+    Sampler ! {stop, self()},
+    receive
+        {quic_samples, Sampler, []} -> #{};
+        {quic_samples, Sampler, Samples} ->
+            Rtts = lists:sort([R || {R, _} <- Samples]),
+            Cwnds = lists:sort([C || {_, C} <- Samples]),
+            #{quic_rtt_p50_us => median(Rtts), quic_rtt_max_us => lists:last(Rtts),
+              quic_cwnd_p50 => median(Cwnds)}
+    after 5000 -> #{}
+    end.
 
 bulk(Owner, Sink, Bin, N) ->
     receive
@@ -1191,9 +1249,13 @@ pinger(Owner, Echo, Deadline) ->
         true -> Owner ! {pinger_done, self()};
         false ->
             T0 = erlang:monotonic_time(nanosecond),
+            S0 = os:system_time(nanosecond),
             Echo ! {self(), p},
-            receive {Echo, p} -> ok end,
-            Owner ! {ping_sample, self(), erlang:monotonic_time(nanosecond) - T0},
+            receive
+                {Echo, p} -> Split = none;
+                {Echo, p, SB} -> Split = {SB - S0, os:system_time(nanosecond) - SB}
+            end,
+            Owner ! {ping_sample, self(), erlang:monotonic_time(nanosecond) - T0, Split},
             pinger(Owner, Echo, Deadline)
     end.
 
@@ -1201,7 +1263,9 @@ pinger(Owner, Echo, Deadline) ->
 %% means the outstanding ping (send included) has waited that long.
 collect_pings(Pinger, StarveMs, Acc) ->
     receive
-        {ping_sample, Pinger, Ns} -> collect_pings(Pinger, StarveMs, [Ns | Acc]);
+        {ping_sample, Pinger, Ns, Split} ->
+            put(ping_splits, [Split || Split =/= none] ++ get_list(ping_splits)),
+            collect_pings(Pinger, StarveMs, [Ns | Acc]);
         {pinger_done, Pinger} -> {ok, Acc}
     after StarveMs -> {starved, Acc}
     end.
@@ -1280,6 +1344,8 @@ rows() ->
      {"100 B msgs, 4 senders (msg/s)", rate_100b, msgs_per_s, int},
      {"ping under 1 MiB bulk p50 (µs)", load_ping, p50_us, ping},
      {"ping under 1 MiB bulk p99 (µs)", load_ping, p99_us, ping},
+     {"  one way A to B (beside the bulk) p99 (µs)", load_ping, a_to_b_p99_us, us},
+     {"  one way B to A (no bulk) p99 (µs)", load_ping, b_to_a_p99_us, us},
      {"  bulk rate during ping test (MB/s)", load_ping, bulk_mb_per_s, int},
      {"1 % loss, 50 ms RTT: idle ping p50 (ms)", loss_ping, idle_p50_us, ping_ms},
      {"1 % loss, 50 ms RTT: ping p50 during 1 MiB bulk (ms)", loss_ping, p50_us, ping_ms},
@@ -1389,7 +1455,9 @@ notes(P) ->
       "sending (cap ~b MiB), clock stops when B confirms receipt, median of ~b such runs "
       "(raw quinn likewise); MB = 10^6 bytes. "
       "Rate: ~b senders -> ~b sinks, 100-byte binaries, ~b ms. Ping under load: back-to-back "
-      "pings for ~b ms while another process on A streams 1 MiB binaries; >~b s = starved. "
+      "pings for ~b ms while another process on A streams 1 MiB binaries; >~b s = starved; "
+      "its one-way times are stamped with the OS clock both nodes share (the echo stamps its "
+      "receipt), and trust's JSON adds QUIC's own RTT estimate sampled every 20 ms. "
       "Setup: `net_kernel:connect_node/1` timed on A, median of ~b fresh pairs (includes "
       "first-use code loading); reconnect: ~b disconnect/connect cycles on the warm main pair. "
       "CPU: utime+stime of each node's OS process (all threads) from /proc during the "
