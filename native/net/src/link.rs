@@ -1119,19 +1119,17 @@ fn route(
                 None
             } else {
                 match lanes::lane_of(head, state.salt) {
-                    Lane::Sender { lane, pid } => {
-                        Some((lane, Cow::Borrowed(pid), lanes::carries_message(head)))
+                    Lane::Sender { lane, pid, message } => {
+                        Some((lane, Cow::Borrowed(pid), message))
                     }
                     // The head holds the control message unless that itself carries a
                     // large binary; only then is the body put together to read it.
                     Lane::Barrier if frame.len() > 1 => {
                         let whole = frames.body(frame);
                         match lanes::lane_of(&whole, state.salt) {
-                            Lane::Sender { lane, pid } => Some((
-                                lane,
-                                Cow::Owned(pid.to_vec()),
-                                lanes::carries_message(&whole),
-                            )),
+                            Lane::Sender { lane, pid, message } => {
+                                Some((lane, Cow::Owned(pid.to_vec()), message))
+                            }
                             Lane::Barrier => None,
                         }
                     }

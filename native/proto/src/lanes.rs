@@ -39,7 +39,13 @@ pub mod stream_kind {
 pub enum Lane<'a> {
     /// On the lane of this sender: `pid` is the sender's pid as encoded in the packet
     /// (the same process always encodes to the same bytes on one link).
-    Sender { lane: usize, pid: &'a [u8] },
+    /// `message`: the packet carries a message (a send of any form), not another signal;
+    /// see [`carries_message`].
+    Sender {
+        lane: usize,
+        pid: &'a [u8],
+        message: bool,
+    },
     /// On lane 0, after a barrier.
     Barrier,
 }
@@ -63,15 +69,17 @@ fn key_position(op: i64) -> Option<u32> {
 /// writes without the atom cache). `salt` spreads senders differently on each link.
 pub fn lane_of(packet: &[u8], salt: u64) -> Lane<'_> {
     match sender_pid(packet) {
-        Some(pid) => Lane::Sender {
+        Some((pid, op)) => Lane::Sender {
             lane: lane_index(pid, salt),
             pid,
+            message: is_message_op(op),
         },
         None => Lane::Barrier,
     }
 }
 
-fn sender_pid(packet: &[u8]) -> Option<&[u8]> {
+/// The pid a packet's lane is keyed on, and the packet's operation code.
+fn sender_pid(packet: &[u8]) -> Option<(&[u8], i64)> {
     let terms = packet.strip_prefix(&[112, VERSION])?;
     let tuple = Term::peek(terms).ok()?.as_tuple()?;
     let op = match tuple.get(0).ok()? {
@@ -93,7 +101,7 @@ fn sender_pid(packet: &[u8]) -> Option<&[u8]> {
     };
     let raw = tuple.raw(position).ok()?;
     match Term::peek(raw).ok()? {
-        Term::Pid(_) => Some(raw),
+        Term::Pid(_) => Some((raw, op)),
         _ => None,
     }
 }
@@ -109,7 +117,12 @@ pub fn carries_message(packet: &[u8]) -> bool {
             Term::Int(op) => Some(op),
             _ => None,
         });
-    matches!(op, Some(2 | 6 | 12 | 16 | 22 | 23 | 33 | 34 | 37))
+    op.is_some_and(is_message_op)
+}
+
+/// SEND, REG_SEND, SEND_TT, REG_SEND_TT, SEND_SENDER(_TT), ALIAS_SEND(_TT), ALTACT_SIG_SEND.
+fn is_message_op(op: i64) -> bool {
+    matches!(op, 2 | 6 | 12 | 16 | 22 | 23 | 33 | 34 | 37)
 }
 
 /// FNV-1a of the pid's bytes, salted: cheap, and stable for one link's life.
@@ -166,8 +179,9 @@ mod tests {
 
     fn lane_of_pid(packet: &[u8]) -> Option<Vec<u8>> {
         match lane_of(packet, 42) {
-            Lane::Sender { pid, lane } => {
+            Lane::Sender { pid, lane, message } => {
                 assert!(lane < LANES);
+                assert_eq!(message, carries_message(packet));
                 Some(pid.to_vec())
             }
             Lane::Barrier => None,
@@ -288,7 +302,15 @@ mod tests {
                 panic!("send_sender has a sender");
             };
             let again = build::packet(1, &[&p, &pid(9)], None);
-            assert_eq!(lane_of(&again, salt), Lane::Sender { lane, pid: &p });
+            // A link signal from the same process: its lane, and no message.
+            assert_eq!(
+                lane_of(&again, salt),
+                Lane::Sender {
+                    lane,
+                    pid: &p,
+                    message: false
+                }
+            );
             used[lane] += 1;
         }
         // 512 senders over 32 lanes: every lane is used, none takes more than 3x its share.

@@ -9,9 +9,10 @@ use trust_dist_proto::lanes::{self, Lane};
 
 fuzz_target!(|data: &[u8]| {
     let lane = lanes::lane_of(data, 0x5eed);
-    if let Lane::Sender { lane, pid } = lane {
+    if let Lane::Sender { lane, pid, message } = lane {
         assert!(lane < lanes::LANES);
         assert!(matches!(Term::parse(pid), Ok((Term::Pid(_), n)) if n == pid.len()));
+        assert_eq!(message, lanes::carries_message(data));
     }
     let Ok(p) = control::decode(data) else {
         return;
