@@ -262,7 +262,9 @@ enum Item {
     /// A frame the deframer threw away (over the peer's message limit): it still counts
     /// in the lane's order, for barriers.
     Discarded,
-    /// Deliver nothing after this on lane 0 until every lane has delivered this many.
+    /// Deliver nothing after this on its lane until every lane has delivered this many.
+    /// On lane 0 it keeps a packet that names no sender behind everything sent before it;
+    /// on lanes 1.. (a fence) it keeps a lane's next packets behind such packets.
     Barrier(Box<[u64; LANES]>),
 }
 
@@ -340,6 +342,22 @@ struct SendLanes {
     salt: u64,
     /// Packets put on each lane so far (barrier markers not counted).
     sent: [u64; LANES],
+    /// A packet that names no sender may be from any process, whose later packets must
+    /// not overtake it on their own lanes (the VM encodes a message to a connection still
+    /// being set up as a `SEND`, which names no sender, and the same process's later
+    /// messages as `SEND_SENDER`). While no lane but 0 has carried anything, lane 0 waits
+    /// for nothing, so each other lane's first packet is simply preceded by a *fence*: a
+    /// marker that counts lane 0 up to the last such packet (`fence_upto`); `fenced` are
+    /// the lanes that still owe theirs.
+    fenced: [bool; LANES],
+    fence_upto: Option<u64>,
+    /// Later, lane 0 waits behind barriers for the other lanes, and lanes waiting for lane
+    /// 0 in turn could hold QUIC's connection window that lane 0's barrier needs: such a
+    /// packet instead switches the link to lane 0 alone, for good (its barrier keeps it
+    /// behind everything sent before; everything after is behind it on the same stream).
+    /// Our VM writes such packets only in the hand-over of a connection's first messages
+    /// and for operations this version does not know, so this is a rare, safe fallback.
+    single_lane: bool,
     /// Bytes given to each lane's writer and not yet written to QUIC.
     queued: [usize; LANES],
     /// Processes paused because their lane went over its high-water mark (their pids as
@@ -458,6 +476,50 @@ impl Link {
     /// QUIC's own counters for the connection (datagrams, frames, RTT, congestion).
     pub fn quic_stats(&self) -> quinn::ConnectionStats {
         self.shared.connection.stats()
+    }
+
+    /// The state of both directions' lanes, for a test that found the link stuck.
+    #[cfg(test)]
+    pub(crate) fn lanes_report(&self) -> String {
+        let mut out = String::new();
+        if let Ok(inbox) = self.shared.inbox.lock() {
+            for lane in 0..LANES {
+                let front = match inbox.lanes[lane].front() {
+                    None => "-".to_string(),
+                    Some(Item::Packet(p)) => format!("packet {}", p.bytes().len()),
+                    Some(Item::Discarded) => "discarded".into(),
+                    Some(Item::Barrier(c)) => {
+                        let need: Vec<String> = c
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, n)| **n > 0)
+                            .map(|(l, n)| format!("{l}:{n}"))
+                            .collect();
+                        format!("barrier met={} [{}]", inbox.barrier_met(c), need.join(" "))
+                    }
+                };
+                out += &format!(
+                    "in lane {lane}: items {} bytes {} partial {} delivered {} may_read {} front {front}\n",
+                    inbox.lanes[lane].len(),
+                    inbox.bytes[lane],
+                    inbox.partial[lane],
+                    inbox.delivered[lane],
+                    inbox.may_read(lane),
+                );
+            }
+        }
+        if let Ok(book) = self.shared.credit.book.lock() {
+            out += &format!(
+                "credit outstanding {:?} total {} batches {}\n",
+                book.outstanding,
+                book.total,
+                book.batches.len()
+            );
+        }
+        if let Ok(lanes) = self.shared.lanes.lock() {
+            out += &format!("out sent {:?} queued {:?}\n", lanes.sent, lanes.queued);
+        }
+        out
     }
 
     /// Bytes accepted by [`Link::send`] and not yet written to QUIC.
@@ -957,6 +1019,9 @@ fn spawn_link(
                     .finish()
             },
             sent: [0; LANES],
+            fenced: [false; LANES],
+            fence_upto: None,
+            single_lane: false,
             queued: [0; LANES],
             paused: (0..LANES).map(|_| Vec::new()).collect(),
         }),
@@ -1138,7 +1203,28 @@ fn route(
             };
             match sender {
                 _ if head.is_empty() && frame.len() == 1 => split.put_frame(0, frame),
+                // Everything after the switch to one lane waits behind the barrier that
+                // switched, so it needs no marker of its own.
+                _ if state.single_lane => {
+                    split.put_frame(0, frame);
+                    state.sent[0] += 1;
+                    if let Some((_, pid, true)) = sender {
+                        if !senders.iter().any(|(l, p)| *l == 0 && *p == pid) {
+                            senders.push((0, pid));
+                        }
+                    }
+                }
                 Some((lane, pid, message)) => {
+                    if let Some(upto) = state.fence_upto {
+                        if std::mem::replace(&mut state.fenced[lane], false) {
+                            let mut counts = [0u64; LANES];
+                            counts[0] = upto;
+                            let mut marker =
+                                Vec::with_capacity(frame::HEADER_BYTES + 1 + 8 * LANES);
+                            write_frame(&mut marker, &lanes::encode_barrier(&counts));
+                            split.put_owned(lane, Bytes::from(marker));
+                        }
+                    }
                     split.put_frame(lane, frame);
                     state.sent[lane] += 1;
                     if message && !senders.iter().any(|(l, p)| *l == lane && *p == pid) {
@@ -1146,13 +1232,24 @@ fn route(
                     }
                 }
                 None => {
-                    if state.sent[1..].iter().any(|&n| n > 0) {
+                    let others_sent = state.sent[1..].iter().any(|&n| n > 0);
+                    if others_sent {
                         let mut marker = Vec::with_capacity(frame::HEADER_BYTES + 1 + 8 * LANES);
                         write_frame(&mut marker, &lanes::encode_barrier(&state.sent));
                         split.put_owned(0, Bytes::from(marker));
                     }
                     split.put_frame(0, frame);
                     state.sent[0] += 1;
+                    // The operation code leads the control message, so the head has it;
+                    // a head too short to tell fences, which is never wrong.
+                    if !all_behind_barrier && lanes::fences_other_lanes(head) {
+                        if others_sent {
+                            state.single_lane = true;
+                        } else {
+                            state.fenced[1..].fill(true);
+                            state.fence_upto = Some(state.sent[0]);
+                        }
+                    }
                 }
             }
         }
@@ -1466,9 +1563,10 @@ async fn lane_reader(
             if frame.is_empty() {
                 shared.stats.ticks_in.fetch_add(1, Ordering::Relaxed);
             } else if is_barrier(&frame) {
-                return Err(format!(
-                    "barrier marker on lane {lane} (only lane 0 carries them)"
-                ));
+                // A fence: this lane's later packets wait for lane 0 (see SendLanes).
+                let counts = lanes::decode_barrier(&frame.to_vec())
+                    .ok_or_else(|| format!("malformed barrier marker on lane {lane}"))?;
+                inbox.push(lane, Item::Barrier(Box::new(counts)));
             } else {
                 inbox.push(lane, Item::Packet(into_packet(shared, frame)?));
             }

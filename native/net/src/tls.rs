@@ -18,8 +18,10 @@ use trust_dist_proto::{PublicKey, SecretKey};
 
 /// Application protocol name: a peer that speaks anything else fails the TLS handshake.
 ///
-/// Version 2: packets travel on lanes (see `trust_dist_proto::lanes`).
-pub const ALPN: &[u8] = b"trust-dist/2";
+/// Version 2: packets travel on lanes (see `trust_dist_proto::lanes`). Version 3: lanes
+/// 1.. also carry barrier markers (fences behind packets that name no sender), which a
+/// version 2 node would take for a protocol error.
+pub const ALPN: &[u8] = b"trust-dist/3";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {

@@ -15,6 +15,13 @@
 //! many packets from every lane, so such a signal is never overtaken by one sent before
 //! it, on any lane.
 //!
+//! Nor by one sent after it: a packet that names no sender may be from any process, and
+//! that process's later packets may go on its own lane (the VM encodes messages to a
+//! connection still being set up as `SEND`, and the same process's later ones as
+//! `SEND_SENDER`). So after such a packet every other lane's next packet is preceded by a
+//! *fence*, a marker of the same form on that lane that counts lane 0 only
+//! ([`fences_other_lanes`] says which packets need it; a DOWN by name does not).
+//!
 //! Everything here is pure: the sender classifies its own VM's packets, the receiver
 //! parses markers from its peer (which must not panic on any input).
 use crate::etf::{Term, VERSION};
@@ -118,6 +125,23 @@ pub fn carries_message(packet: &[u8]) -> bool {
             _ => None,
         });
     op.is_some_and(is_message_op)
+}
+
+/// True if a packet that names no sender (one [`lane_of`] puts behind a barrier) may have
+/// come from a process that goes on sending: then the later packets on every other lane
+/// must not overtake it either, as they may be that process's. A `SEND` (a message queued
+/// while the connection was being set up: the VM encodes those without `SEND_SENDER`,
+/// whose flag is not negotiated yet) or anything unrecognised may; a DOWN by registered
+/// name (`MONITOR_P_EXIT`, `PAYLOAD_MONITOR_P_EXIT`) comes from a process that has ended.
+pub fn fences_other_lanes(packet: &[u8]) -> bool {
+    let op = packet
+        .strip_prefix(&[112, VERSION])
+        .and_then(|terms| Term::peek(terms).ok()?.as_tuple())
+        .and_then(|tuple| match tuple.get(0).ok()? {
+            Term::Int(op) => Some(op),
+            _ => None,
+        });
+    !matches!(op, Some(21 | 28))
 }
 
 /// SEND, REG_SEND, SEND_TT, REG_SEND_TT, SEND_SENDER(_TT), ALIAS_SEND(_TT), ALTACT_SIG_SEND.
@@ -237,6 +261,21 @@ mod tests {
         assert_eq!(lane_of_pid(&spawn), Some(from.clone()));
         let altact = build::packet(37, &[&int(0), &from, &to], Some(&reason));
         assert_eq!(lane_of_pid(&altact), Some(from));
+    }
+
+    #[test]
+    fn a_send_without_sender_fences_other_lanes_a_down_by_name_does_not() {
+        let to = pid(2);
+        let reference = encode::reference("a@host", 7, &[1, 2, 3]);
+        let name = encode::atom_term("name");
+        let reason = encode::atom_term("normal");
+        let send = build::packet(2, &[&encode::atom_term(""), &to], Some(&reason));
+        let down = build::packet(21, &[&name, &to, &reference, &reason], None);
+        assert_eq!(lane_of(&send, 42), Lane::Barrier);
+        assert_eq!(lane_of(&down, 42), Lane::Barrier);
+        assert!(fences_other_lanes(&send));
+        assert!(!fences_other_lanes(&down));
+        assert!(fences_other_lanes(b"junk"));
     }
 
     #[test]
