@@ -105,6 +105,8 @@ defmodule TrustDist.CarrierTest do
     assert "SHA256:" <> _ = link.fingerprint
     assert link.packets_in > 0 and link.packets_out > 0
     assert link.bytes_in > 0 and link.bytes_out > 0
+    # A link that carried only ordinary traffic keeps all its lanes.
+    assert link.lanes == 32
     assert [%{node: ^a}] = C.call(pb, TrustDist, :links, [])
   end
 end

@@ -522,6 +522,15 @@ impl Link {
         out
     }
 
+    /// The lanes this link sends on: all of them, or 1 once a packet without a sender
+    /// came after the lanes were in use (see `SendLanes::single_lane`).
+    pub fn lanes_in_use(&self) -> usize {
+        match self.shared.lanes.lock() {
+            Ok(lanes) if lanes.single_lane => 1,
+            _ => LANES,
+        }
+    }
+
     /// Bytes accepted by [`Link::send`] and not yet written to QUIC.
     pub fn queued_bytes(&self) -> usize {
         self.shared.queued.load(Ordering::SeqCst)
