@@ -247,7 +247,9 @@ defmodule TrustDist.FaultsTest do
           nodedown_a_ms: down_a - parted,
           nodedown_b_ms: down_b - parted,
           reconnect_a_ms: up_a - healed,
-          reconnect_b_ms: up_b - healed
+          reconnect_b_ms: up_b - healed,
+          lanes_a: lanes(pa, nb),
+          lanes_b: lanes(pb, na)
         }
       end)
 
@@ -259,7 +261,8 @@ defmodule TrustDist.FaultsTest do
       result,
       stats,
       "nodedown after #{d.nodedown_a_ms} ms (A) / #{d.nodedown_b_ms} ms (B); " <>
-        "reconnected #{d.reconnect_a_ms} ms (A) / #{d.reconnect_b_ms} ms (B) after the heal"
+        "reconnected #{d.reconnect_a_ms} ms (A) / #{d.reconnect_b_ms} ms (B) after the heal; " <>
+        "the new link sends on #{d.lanes_a} (A) / #{d.lanes_b} (B) lanes"
     )
 
     assert d.nodedown_a_ms <= limit and d.nodedown_b_ms <= limit,
@@ -358,6 +361,15 @@ defmodule TrustDist.FaultsTest do
   # -- helpers --------------------------------------------------------------------------
 
   defp now, do: System.system_time(:millisecond)
+
+  # 32, or 1 if the link fell back to one lane (a packet without a sender after its
+  # opening); messages queued during the reconnection come in the opening.
+  defp lanes(peer, node) do
+    case for(%{node: ^node, lanes: n} <- C.call(peer, :trust_dist, :links, []), do: n) do
+      [n | _] -> n
+      [] -> :no_link
+    end
+  end
 
   # Two admin nodes, A in namespace a and B in namespace b, without EPMD (the UDP ports
   # are configured), connected, each recording its node events.

@@ -90,6 +90,10 @@ pub struct Settings {
     pub recv_credit: usize,
     /// Most packets handed to the VM in one batch (one message to its input handler).
     pub batch_packets: usize,
+    /// The least time a link sends on one lane after its data phase starts, so that the
+    /// messages the VM queued while the connection was being set up go ahead of
+    /// everything after them (see `link::SendLanes::opening`).
+    pub opening: Duration,
     /// Bytes queued for QUIC above which the VM is told to stop sending.
     pub send_high_water: usize,
     /// Bytes queued below which a stopped sender is told to go on.
@@ -108,6 +112,7 @@ impl Default for Settings {
             max_frame: 128 * 1024 * 1024,
             recv_credit: 8 * 1024 * 1024,
             batch_packets: 256,
+            opening: Duration::from_millis(250),
             send_high_water: 8 * 1024 * 1024,
             send_low_water: 2 * 1024 * 1024,
             idle_timeout: Duration::from_secs(60),

@@ -343,20 +343,30 @@ struct SendLanes {
     /// Packets put on each lane so far (barrier markers not counted).
     sent: [u64; LANES],
     /// A packet that names no sender may be from any process, whose later packets must
-    /// not overtake it on their own lanes (the VM encodes a message to a connection still
-    /// being set up as a `SEND`, which names no sender, and the same process's later
-    /// messages as `SEND_SENDER`). While no lane but 0 has carried anything, lane 0 waits
-    /// for nothing, so each other lane's first packet is simply preceded by a *fence*: a
-    /// marker that counts lane 0 up to the last such packet (`fence_upto`); `fenced` are
-    /// the lanes that still owe theirs.
+    /// not overtake it on their own lanes. The VM writes such packets (`SEND` without a
+    /// sender) for the messages it queued while the connection was being set up, and the
+    /// same processes' later messages as `SEND_SENDER`. So a link opens on lane 0 alone
+    /// (`opening`), until the first `SEND_SENDER`, which only the VM's post-handshake
+    /// encoding writes. Then each other lane's first packet is preceded by a *fence*: a
+    /// marker that waits for lane 0 up to that point (`fence_upto`); `fenced` are the
+    /// lanes that still owe theirs. Lane 0 holds no barrier before that point (nothing
+    /// went on other lanes), so it waits for nothing the fences wait behind.
+    ///
+    /// A process the VM suspended on the pending connection's full queue holds one
+    /// message already written as `SEND`, and queues it when resumed, which can be after
+    /// other processes' first `SEND_SENDER`s. The opening therefore lasts at least
+    /// `Settings::opening` from the data phase's start, which covers the processes the
+    /// VM resumes once the connection comes up.
+    opening: bool,
+    data_since: std::time::Instant,
     fenced: [bool; LANES],
-    fence_upto: Option<u64>,
-    /// Later, lane 0 waits behind barriers for the other lanes, and lanes waiting for lane
-    /// 0 in turn could hold QUIC's connection window that lane 0's barrier needs: such a
-    /// packet instead switches the link to lane 0 alone, for good (its barrier keeps it
-    /// behind everything sent before; everything after is behind it on the same stream).
-    /// Our VM writes such packets only in the hand-over of a connection's first messages
-    /// and for operations this version does not know, so this is a rare, safe fallback.
+    fence_upto: u64,
+    /// A packet without a sender after the opening (a race in the VM's hand-over of its
+    /// queue, or an operation this version does not know) switches the link to lane 0
+    /// alone, for good: its barrier keeps it behind everything sent before, and
+    /// everything after is behind it on the same stream. Fences instead could leave lane
+    /// 0 waiting for lanes that wait for lane 0, through the read-ahead and QUIC's
+    /// connection window they share.
     single_lane: bool,
     /// Bytes given to each lane's writer and not yet written to QUIC.
     queued: [usize; LANES],
@@ -591,6 +601,7 @@ impl Link {
         }
         if let Ok(mut lanes) = self.shared.lanes.lock() {
             lanes.data_phase = true;
+            lanes.data_since = std::time::Instant::now();
         }
         let started = self.reader.send(ReaderCommand::StartData).is_ok() && !self.is_closed();
         self.shared.data_started.store(true, Ordering::SeqCst);
@@ -1028,8 +1039,10 @@ fn spawn_link(
                     .finish()
             },
             sent: [0; LANES],
+            opening: true,
+            data_since: std::time::Instant::now(),
             fenced: [false; LANES],
-            fence_upto: None,
+            fence_upto: 0,
             single_lane: false,
             queued: [0; LANES],
             paused: (0..LANES).map(|_| Vec::new()).collect(),
@@ -1212,9 +1225,13 @@ fn route(
             };
             match sender {
                 _ if head.is_empty() && frame.len() == 1 => split.put_frame(0, frame),
-                // Everything after the switch to one lane waits behind the barrier that
-                // switched, so it needs no marker of its own.
-                _ if state.single_lane => {
+                // On one lane, everything is in order by the stream itself: after the
+                // switch, everything waits behind the barrier that switched.
+                _ if state.single_lane
+                    || (state.opening
+                        && !(lanes::ends_opening(head)
+                            && state.data_since.elapsed() >= shared.carrier.settings.opening)) =>
+                {
                     split.put_frame(0, frame);
                     state.sent[0] += 1;
                     if let Some((_, pid, true)) = sender {
@@ -1224,15 +1241,18 @@ fn route(
                     }
                 }
                 Some((lane, pid, message)) => {
-                    if let Some(upto) = state.fence_upto {
-                        if std::mem::replace(&mut state.fenced[lane], false) {
-                            let mut counts = [0u64; LANES];
-                            counts[0] = upto;
-                            let mut marker =
-                                Vec::with_capacity(frame::HEADER_BYTES + 1 + 8 * LANES);
-                            write_frame(&mut marker, &lanes::encode_barrier(&counts));
-                            split.put_owned(lane, Bytes::from(marker));
-                        }
+                    if state.opening {
+                        state.opening = false;
+                        state.fence_upto = state.sent[0];
+                        let owed = state.fence_upto > 0;
+                        state.fenced[1..].fill(owed);
+                    }
+                    if std::mem::replace(&mut state.fenced[lane], false) {
+                        let mut counts = [0u64; LANES];
+                        counts[0] = state.fence_upto;
+                        let mut marker = Vec::with_capacity(frame::HEADER_BYTES + 1 + 8 * LANES);
+                        write_frame(&mut marker, &lanes::encode_barrier(&counts));
+                        split.put_owned(lane, Bytes::from(marker));
                     }
                     split.put_frame(lane, frame);
                     state.sent[lane] += 1;
@@ -1241,8 +1261,7 @@ fn route(
                     }
                 }
                 None => {
-                    let others_sent = state.sent[1..].iter().any(|&n| n > 0);
-                    if others_sent {
+                    if state.sent[1..].iter().any(|&n| n > 0) {
                         let mut marker = Vec::with_capacity(frame::HEADER_BYTES + 1 + 8 * LANES);
                         write_frame(&mut marker, &lanes::encode_barrier(&state.sent));
                         split.put_owned(0, Bytes::from(marker));
@@ -1250,14 +1269,9 @@ fn route(
                     split.put_frame(0, frame);
                     state.sent[0] += 1;
                     // The operation code leads the control message, so the head has it;
-                    // a head too short to tell fences, which is never wrong.
+                    // a head too short to tell counts as needing it, which is never wrong.
                     if !all_behind_barrier && lanes::fences_other_lanes(head) {
-                        if others_sent {
-                            state.single_lane = true;
-                        } else {
-                            state.fenced[1..].fill(true);
-                            state.fence_upto = Some(state.sent[0]);
-                        }
+                        state.single_lane = true;
                     }
                 }
             }

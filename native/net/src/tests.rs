@@ -295,9 +295,12 @@ impl Node {
     }
 }
 
+/// The tests' settings: links use their lanes from their first `SEND_SENDER` on (the
+/// opening's least time is tested on its own).
 fn settings() -> Settings {
     Settings {
         handshake_timeout: Duration::from_secs(5),
+        opening: Duration::ZERO,
         ..Settings::default()
     }
 }
@@ -941,6 +944,8 @@ fn sends_without_a_sender_are_not_overtaken_by_later_packets_on_other_lanes() {
         got.iter().map(Vec::as_slice).eq(all.iter().copied()),
         "out of order"
     );
+    // They came in the link's opening, so the link keeps its lanes.
+    assert_eq!(a_end.link.lanes_in_use(), trust_dist_proto::lanes::LANES);
 }
 
 /// A packet that names no sender after other lanes have carried packets (here a `SEND`
@@ -999,10 +1004,66 @@ fn a_packet_without_a_sender_after_lanes_were_used_keeps_everyone_in_order() {
             "pid {pid}'s later packets, in order, after it"
         );
     }
+    assert_eq!(a_end.link.lanes_in_use(), 1);
     // And the link goes on.
     let next = send_sender(900, b"after");
     assert!(a_end.send(&[&next]));
     assert_eq!(b_end.receive(1), vec![next]);
+}
+
+/// A process the VM suspended on the pending connection's full queue holds a message
+/// already written as `SEND` and queues it when resumed, after other processes' first
+/// `SEND_SENDER`s: within the opening's least time that is still the opening (lane 0,
+/// lanes kept); after it, the link falls back to one lane.
+#[test]
+fn a_late_send_without_sender_within_the_opening_keeps_the_lanes() {
+    use trust_dist_proto::control::answer;
+    use trust_dist_proto::etf::encode;
+    let opening = Duration::from_millis(500);
+    let (a, b) = two_nodes(
+        Settings {
+            opening,
+            ..settings()
+        },
+        settings(),
+    );
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    let started = Instant::now();
+    let send_without_sender = |n: u8| {
+        let message = vec![trust_dist_proto::etf::tag::SMALL_INTEGER, n];
+        answer::packet(
+            2,
+            &[&encode::atom_term(""), &encode::pid(B, 1, 0, 9)],
+            Some(&message),
+        )
+    };
+    let first: Vec<Vec<u8>> = vec![
+        send_without_sender(1),
+        send_sender(400, b"resumed first"),
+        send_without_sender(2),
+        send_sender(401, b"then"),
+    ];
+    assert!(a_end.send(&first.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+    assert_eq!(
+        b_end.receive(first.len()),
+        first,
+        "the opening is one stream"
+    );
+    assert!(
+        started.elapsed() < opening,
+        "the machine was too slow for this test"
+    );
+    assert_eq!(a_end.link.lanes_in_use(), trust_dist_proto::lanes::LANES);
+
+    std::thread::sleep(opening);
+    let after = send_sender(402, b"after the opening");
+    assert!(a_end.send(&[&after]));
+    assert_eq!(b_end.receive(1), vec![after]);
+    assert_eq!(a_end.link.lanes_in_use(), trust_dist_proto::lanes::LANES);
+    let late = send_without_sender(3);
+    assert!(a_end.send(&[&late]));
+    assert_eq!(b_end.receive(1), vec![late]);
+    assert_eq!(a_end.link.lanes_in_use(), 1);
 }
 
 /// Many lanes at once, barriers among them, a receiver that acks slowly and a small

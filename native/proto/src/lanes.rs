@@ -16,11 +16,13 @@
 //! it, on any lane.
 //!
 //! Nor by one sent after it: a packet that names no sender may be from any process, and
-//! that process's later packets may go on its own lane (the VM encodes messages to a
-//! connection still being set up as `SEND`, and the same process's later ones as
-//! `SEND_SENDER`). So after such a packet every other lane's next packet is preceded by a
-//! *fence*, a marker of the same form on that lane that counts lane 0 only
-//! ([`fences_other_lanes`] says which packets need it; a DOWN by name does not).
+//! that process's later packets may go on its own lane. The VM writes the messages it
+//! queued while a connection was being set up as `SEND`, and the same processes' later
+//! ones as `SEND_SENDER`. So a link opens on lane 0 alone until the first `SEND_SENDER`
+//! ([`ends_opening`]); from then on each other lane's first packet is preceded by a
+//! *fence*, a marker of the same form on that lane that counts lane 0 only. A packet
+//! needing it later ([`fences_other_lanes`]; a DOWN by name does not, its process has
+//! ended) puts the link on lane 0 for good (the sending side, `trust_dist_net`, says why).
 //!
 //! Everything here is pure: the sender classifies its own VM's packets, the receiver
 //! parses markers from its peer (which must not panic on any input).
@@ -117,31 +119,34 @@ fn sender_pid(packet: &[u8]) -> Option<(&[u8], i64)> {
 /// monitor, exit, spawn...). The VM suspends a process on a busy connection only for
 /// messages; a lane's pause follows it.
 pub fn carries_message(packet: &[u8]) -> bool {
-    let op = packet
-        .strip_prefix(&[112, VERSION])
-        .and_then(|terms| Term::peek(terms).ok()?.as_tuple())
-        .and_then(|tuple| match tuple.get(0).ok()? {
-            Term::Int(op) => Some(op),
-            _ => None,
-        });
-    op.is_some_and(is_message_op)
+    op_of(packet).is_some_and(is_message_op)
 }
 
 /// True if a packet that names no sender (one [`lane_of`] puts behind a barrier) may have
 /// come from a process that goes on sending: then the later packets on every other lane
 /// must not overtake it either, as they may be that process's. A `SEND` (a message queued
 /// while the connection was being set up: the VM encodes those without `SEND_SENDER`,
-/// whose flag is not negotiated yet) or anything unrecognised may; a DOWN by registered
+/// whose flag is not in force yet) or anything unrecognised may; a DOWN by registered
 /// name (`MONITOR_P_EXIT`, `PAYLOAD_MONITOR_P_EXIT`) comes from a process that has ended.
 pub fn fences_other_lanes(packet: &[u8]) -> bool {
-    let op = packet
+    !matches!(op_of(packet), Some(21 | 28))
+}
+
+/// True for `SEND_SENDER` and `SEND_SENDER_TT`: the VM writes them only once a connection
+/// is set up (toward a pending one it writes `SEND`, which names no sender), so the first
+/// one ends a link's opening, where every packet goes on lane 0.
+pub fn ends_opening(packet: &[u8]) -> bool {
+    matches!(op_of(packet), Some(22 | 23))
+}
+
+fn op_of(packet: &[u8]) -> Option<i64> {
+    packet
         .strip_prefix(&[112, VERSION])
         .and_then(|terms| Term::peek(terms).ok()?.as_tuple())
         .and_then(|tuple| match tuple.get(0).ok()? {
             Term::Int(op) => Some(op),
             _ => None,
-        });
-    !matches!(op, Some(21 | 28))
+        })
 }
 
 /// SEND, REG_SEND, SEND_TT, REG_SEND_TT, SEND_SENDER(_TT), ALIAS_SEND(_TT), ALTACT_SIG_SEND.
@@ -276,6 +281,12 @@ mod tests {
         assert!(fences_other_lanes(&send));
         assert!(!fences_other_lanes(&down));
         assert!(fences_other_lanes(b"junk"));
+        // Only a SEND_SENDER ends a link's opening.
+        let send_sender = build::packet(22, &[&pid(1), &to], Some(&reason));
+        assert!(ends_opening(&send_sender));
+        for other in [&send, &down, &b"junk"[..]] {
+            assert!(!ends_opening(other));
+        }
     }
 
     #[test]
