@@ -674,7 +674,8 @@ trust_cluster(#{tmp := Tmp, cli := Cli, ebin := Ebin, tag := Tag}, Mode, DirName
 
 restrict(SysConfig) ->
     Policy = #{worker => #{connect => true,
-                           rpc => [{erlang, node, 0}, {?MODULE, sink, 0}, {?MODULE, echo, 0}]}},
+                           rpc => [{erlang, node, 0}, {?MODULE, sink, 0}, {?MODULE, echo, 0},
+                                  {?MODULE, echo_stamped, 0}]}},
     put_trust_config(SysConfig, [{policy, Policy}]).
 
 %% Adds or replaces keys of the trust_dist section of a node's sys.config.
