@@ -789,15 +789,32 @@ fn send_sender(from: u32, payload: &[u8]) -> Vec<u8> {
     )
 }
 
+/// The same message as the VM writes it toward a connection still being set up: `SEND`,
+/// which names no sender.
+fn send_without_sender(payload: &[u8]) -> Vec<u8> {
+    use trust_dist_proto::control::answer;
+    use trust_dist_proto::etf::encode;
+    let mut message = vec![trust_dist_proto::etf::tag::BINARY];
+    message.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    message.extend_from_slice(payload);
+    answer::packet(
+        2,
+        &[&encode::atom_term(""), &encode::pid(B, 1, 0, 9)],
+        Some(&message),
+    )
+}
+
 /// A link whose receiving side b has `credit` bytes of credit; the nodes must outlive it.
 fn credit_limited_link(credit: usize) -> ((Node, Node), End, End) {
-    let (a, b) = two_nodes(
-        settings(),
-        Settings {
-            recv_credit: credit,
-            ..settings()
-        },
-    );
+    link_to_b_with(Settings {
+        recv_credit: credit,
+        ..settings()
+    })
+}
+
+/// A link from a to b, b with `b_settings`; the nodes must outlive it.
+fn link_to_b_with(b_settings: Settings) -> ((Node, Node), End, End) {
+    let (a, b) = two_nodes(settings(), b_settings);
     let (a_end, b_end) = link_up(&a, &b, A, B);
     ((a, b), a_end, b_end)
 }
@@ -911,19 +928,7 @@ fn a_signal_without_a_sender_pid_waits_for_every_lane() {
 /// However long the receiving VM holds lane 0 back, the later ones never overtake them.
 #[test]
 fn sends_without_a_sender_are_not_overtaken_by_later_packets_on_other_lanes() {
-    use trust_dist_proto::control::answer;
-    use trust_dist_proto::etf::encode;
     let (_nodes, a_end, b_end) = credit_limited_link(256 * 1024);
-    let send_without_sender = |payload: &[u8]| {
-        let mut message = vec![trust_dist_proto::etf::tag::BINARY];
-        message.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        message.extend_from_slice(payload);
-        answer::packet(
-            2,
-            &[&encode::atom_term(""), &encode::pid(B, 1, 0, 9)],
-            Some(&message),
-        )
-    };
     let early: Vec<Vec<u8>> = (0..40)
         .map(|i| send_without_sender(&noise(i, 64 * 1024)))
         .collect();
@@ -954,17 +959,8 @@ fn sends_without_a_sender_are_not_overtaken_by_later_packets_on_other_lanes() {
 /// sent before it nor what is sent after it, by any process, is reordered around it.
 #[test]
 fn a_packet_without_a_sender_after_lanes_were_used_keeps_everyone_in_order() {
-    use trust_dist_proto::control::answer;
-    use trust_dist_proto::etf::encode;
     let (_nodes, a_end, b_end) = credit_limited_link(256 * 1024);
-    let mut message = vec![trust_dist_proto::etf::tag::BINARY];
-    message.extend_from_slice(&(5u32).to_be_bytes());
-    message.extend_from_slice(b"early");
-    let without_sender = answer::packet(
-        2,
-        &[&encode::atom_term(""), &encode::pid(B, 1, 0, 9)],
-        Some(&message),
-    );
+    let without_sender = send_without_sender(b"early");
     let before = bulk_from(300);
     let later: Vec<Vec<u8>> = (0..16)
         .map(|i| send_sender(300 + i % 4, &noise(2000 + i as u64, 100)))
@@ -1017,8 +1013,6 @@ fn a_packet_without_a_sender_after_lanes_were_used_keeps_everyone_in_order() {
 /// lanes kept); after it, the link falls back to one lane.
 #[test]
 fn a_late_send_without_sender_within_the_opening_keeps_the_lanes() {
-    use trust_dist_proto::control::answer;
-    use trust_dist_proto::etf::encode;
     let opening = Duration::from_millis(500);
     let (a, b) = two_nodes(
         Settings {
@@ -1029,18 +1023,10 @@ fn a_late_send_without_sender_within_the_opening_keeps_the_lanes() {
     );
     let (a_end, b_end) = link_up(&a, &b, A, B);
     let started = Instant::now();
-    let send_without_sender = |n: u8| {
-        let message = vec![trust_dist_proto::etf::tag::SMALL_INTEGER, n];
-        answer::packet(
-            2,
-            &[&encode::atom_term(""), &encode::pid(B, 1, 0, 9)],
-            Some(&message),
-        )
-    };
     let first: Vec<Vec<u8>> = vec![
-        send_without_sender(1),
+        send_without_sender(b"1"),
         send_sender(400, b"resumed first"),
-        send_without_sender(2),
+        send_without_sender(b"2"),
         send_sender(401, b"then"),
     ];
     assert!(a_end.send(&first.iter().map(Vec::as_slice).collect::<Vec<_>>()));
@@ -1060,7 +1046,7 @@ fn a_late_send_without_sender_within_the_opening_keeps_the_lanes() {
     assert!(a_end.send(&[&after]));
     assert_eq!(b_end.receive(1), vec![after]);
     assert_eq!(a_end.link.lanes_in_use(), trust_dist_proto::lanes::LANES);
-    let late = send_without_sender(3);
+    let late = send_without_sender(b"3");
     assert!(a_end.send(&[&late]));
     assert_eq!(b_end.receive(1), vec![late]);
     assert_eq!(a_end.link.lanes_in_use(), 1);
@@ -1157,14 +1143,10 @@ fn busy_lanes_and_barriers_under_slow_acks_all_arrive_in_order() {
 /// such a chunk.
 #[test]
 fn a_chunk_of_more_than_a_batch_is_handed_up_whole_without_more_traffic() {
-    let (a, b) = two_nodes(
-        settings(),
-        Settings {
-            batch_packets: 4,
-            ..settings()
-        },
-    );
-    let (a_end, b_end) = link_up(&a, &b, A, B);
+    let (_nodes, a_end, b_end) = link_to_b_with(Settings {
+        batch_packets: 4,
+        ..settings()
+    });
     // Three senders, so most packets travel on lanes other than lane 0.
     let packets: Vec<Vec<u8>> = (0..600u32)
         .map(|i| send_sender(2000 + i % 3, &i.to_be_bytes()))
