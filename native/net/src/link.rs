@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use trust_dist_proto::filter::{Counters, Decision, LinkFilter, NodeId, Verdict};
-use trust_dist_proto::frame::{self, Frame, FrameDecoder};
+use trust_dist_proto::frame::{self, Decoded, Frame, FrameDecoder};
 use trust_dist_proto::handshake::{self, FrameBudget, NameGuard, Side, MAX_HANDSHAKE_FRAME};
 use trust_dist_proto::lanes::{self, Lane, LANES};
 use trust_dist_proto::link::LinkMode;
@@ -346,15 +346,15 @@ struct SendLanes {
     /// not overtake it on their own lanes. The VM writes such packets (`SEND` without a
     /// sender) for the messages it queued while the connection was being set up, and the
     /// same processes' later messages as `SEND_SENDER`. So a link opens on lane 0 alone
-    /// (`opening`), until the first `SEND_SENDER`, which only the VM's post-handshake
-    /// encoding writes. Then each other lane's first packet is preceded by a *fence*: a
-    /// marker that waits for lane 0 up to that point (`fence_upto`); `fenced` are the
-    /// lanes that still owe theirs. Lane 0 holds no barrier before that point (nothing
-    /// went on other lanes), so it waits for nothing the fences wait behind.
+    /// (`opening`). Then each other lane's first packet is preceded by a *fence*: a marker
+    /// that waits for lane 0 up to the opening's end (`fence_upto`); `fenced` are the
+    /// lanes that still owe theirs. Lane 0 holds no barrier in the opening, and all of it
+    /// is in QUIC when the opening ends (the rule is in `route`), so what the fences wait
+    /// for never waits for them, in the inbox or for QUIC's connection window.
     ///
     /// A process the VM suspended on the pending connection's full queue holds one
     /// message already written as `SEND`, and queues it when resumed, which can be after
-    /// other processes' first `SEND_SENDER`s. The opening therefore lasts at least
+    /// other processes' first packets. The opening therefore lasts at least
     /// `Settings::opening` from the data phase's start, which covers the processes the
     /// VM resumes once the connection comes up.
     opening: bool,
@@ -532,8 +532,9 @@ impl Link {
         out
     }
 
-    /// The lanes this link sends on: all of them, or 1 once a packet without a sender
-    /// came after the lanes were in use (see `SendLanes::single_lane`).
+    /// The lanes this link may send on: all of them (from the end of its opening, see
+    /// `SendLanes::opening`), or 1 once a packet without a sender came after the opening
+    /// (`SendLanes::single_lane`).
     pub fn lanes_in_use(&self) -> usize {
         match self.shared.lanes.lock() {
             Ok(lanes) if lanes.single_lane => 1,
@@ -710,18 +711,28 @@ impl Deframer {
         }
     }
 
-    fn decode(&mut self, input: &Bytes, out: &mut Vec<Frame>) -> Result<(), frame::FrameError> {
+    /// Frames in order, with those thrown away for the discard limit in their place.
+    fn decode(&mut self, input: &Bytes, out: &mut Vec<Decoded>) -> Result<(), frame::FrameError> {
         let mut at = 0;
-        while at < input.len() {
+        loop {
+            // One call completes a frame or throws one away, never both.
+            out.extend(
+                self.decoder
+                    .take_discarded()
+                    .into_iter()
+                    .map(Decoded::Discarded),
+            );
+            if at >= input.len() {
+                return Ok(());
+            }
             self.decoder.set_max_len(self.budget.limit());
             let (used, frame) = self.decoder.decode(&input.slice(at..))?;
             at += used;
             if let Some(frame) = frame {
                 self.budget.frame_done();
-                out.push(frame);
+                out.push(Decoded::Frame(frame));
             }
         }
-        Ok(())
     }
 
     /// Bytes of a frame still being received.
@@ -732,10 +743,6 @@ impl Deframer {
     /// From now on, data frames longer than `len` are dropped unbuffered.
     fn discard_above(&mut self, len: u32) {
         self.decoder.set_discard_above(len);
-    }
-
-    fn take_discarded(&mut self) -> Vec<usize> {
-        self.decoder.take_discarded()
     }
 }
 
@@ -759,7 +766,15 @@ async fn read_frames(
                 decoder
                     .decode(&chunk.bytes, &mut frames)
                     .map_err(|e| e.to_string())?;
-                pending.extend(frames.drain(..));
+                for unit in frames.drain(..) {
+                    match unit {
+                        Decoded::Frame(frame) => pending.push_back(frame),
+                        // The discard limit is set when the data phase starts.
+                        Decoded::Discarded(_) => {
+                            return Err("a frame was discarded before the data phase".into())
+                        }
+                    }
+                }
             }
             Ok(None) => return Err("peer closed the stream".into()),
             Err(e) => return Err(describe_read_error(&e)),
@@ -1223,15 +1238,19 @@ fn route(
                     Lane::Barrier => None,
                 }
             };
+            // The opening ends with a packet that names its sender, once its least time
+            // has passed and all of lane 0 has been written to QUIC (so the data the
+            // fences wait for already has its share of the connection's window).
+            let opening_ends = state.opening
+                && sender.is_some()
+                && state.queued[0] == 0
+                && split.bytes[0] == 0
+                && state.data_since.elapsed() >= shared.carrier.settings.opening;
             match sender {
                 _ if head.is_empty() && frame.len() == 1 => split.put_frame(0, frame),
                 // On one lane, everything is in order by the stream itself: after the
                 // switch, everything waits behind the barrier that switched.
-                _ if state.single_lane
-                    || (state.opening
-                        && !(lanes::ends_opening(head)
-                            && state.data_since.elapsed() >= shared.carrier.settings.opening)) =>
-                {
+                _ if state.single_lane || (state.opening && !opening_ends) => {
                     split.put_frame(0, frame);
                     state.sent[0] += 1;
                     if let Some((_, pid, true)) = sender {
@@ -1247,12 +1266,10 @@ fn route(
                         let owed = state.fence_upto > 0;
                         state.fenced[1..].fill(owed);
                     }
-                    if std::mem::replace(&mut state.fenced[lane], false) {
+                    if std::mem::take(&mut state.fenced[lane]) {
                         let mut counts = [0u64; LANES];
                         counts[0] = state.fence_upto;
-                        let mut marker = Vec::with_capacity(frame::HEADER_BYTES + 1 + 8 * LANES);
-                        write_frame(&mut marker, &lanes::encode_barrier(&counts));
-                        split.put_owned(lane, Bytes::from(marker));
+                        split.put_owned(lane, barrier_marker(&counts));
                     }
                     split.put_frame(lane, frame);
                     state.sent[lane] += 1;
@@ -1262,9 +1279,7 @@ fn route(
                 }
                 None => {
                     if state.sent[1..].iter().any(|&n| n > 0) {
-                        let mut marker = Vec::with_capacity(frame::HEADER_BYTES + 1 + 8 * LANES);
-                        write_frame(&mut marker, &lanes::encode_barrier(&state.sent));
-                        split.put_owned(0, Bytes::from(marker));
+                        split.put_owned(0, barrier_marker(&state.sent));
                     }
                     split.put_frame(0, frame);
                     state.sent[0] += 1;
@@ -1310,6 +1325,13 @@ fn route(
         }
     }
     (total, pause)
+}
+
+/// A barrier marker frame (length prefix and body) with these counts.
+fn barrier_marker(counts: &[u64; LANES]) -> Bytes {
+    let mut marker = Vec::with_capacity(frame::HEADER_BYTES + 1 + 8 * LANES);
+    write_frame(&mut marker, &lanes::encode_barrier(counts));
+    Bytes::from(marker)
 }
 
 async fn writer(
@@ -1576,26 +1598,35 @@ async fn lane_reader(
             .bytes_in
             .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
         decoder
-            .decode_all(&chunk.bytes, &mut frames)
+            .decode_all_in_order(&chunk.bytes, &mut frames)
             .map_err(|e| e.to_string())?;
-        let thrown = decoder.take_discarded();
+        let mut thrown = Vec::new();
         let Ok(mut inbox) = shared.inbox.lock() else {
             return Err("link inbox lost".into());
         };
-        for frame in frames.drain(..) {
-            if frame.is_empty() {
-                shared.stats.ticks_in.fetch_add(1, Ordering::Relaxed);
-            } else if is_barrier(&frame) {
-                // A fence: this lane's later packets wait for lane 0 (see SendLanes).
-                let counts = lanes::decode_barrier(&frame.to_vec())
-                    .ok_or_else(|| format!("malformed barrier marker on lane {lane}"))?;
-                inbox.push(lane, Item::Barrier(Box::new(counts)));
-            } else {
-                inbox.push(lane, Item::Packet(into_packet(shared, frame)?));
+        for unit in frames.drain(..) {
+            match unit {
+                // Thrown away for the peer's message limit, but it still counts in this
+                // lane's order, where it was, for barriers.
+                Decoded::Discarded(len) => {
+                    inbox.push(lane, Item::Discarded);
+                    thrown.push(len);
+                }
+                Decoded::Frame(frame) if frame.is_empty() => {
+                    shared.stats.ticks_in.fetch_add(1, Ordering::Relaxed);
+                }
+                Decoded::Frame(frame) if is_barrier(&frame) => {
+                    // A fence: this lane's later packets wait for lane 0 (see SendLanes).
+                    let counts = (frame.len() == lanes::BARRIER_BYTES)
+                        .then(|| lanes::decode_barrier(&frame.to_vec()))
+                        .flatten()
+                        .ok_or_else(|| format!("malformed barrier marker on lane {lane}"))?;
+                    inbox.push(lane, Item::Barrier(Box::new(counts)));
+                }
+                Decoded::Frame(frame) => {
+                    inbox.push(lane, Item::Packet(into_packet(shared, frame)?));
+                }
             }
-        }
-        for _ in &thrown {
-            inbox.push(lane, Item::Discarded);
         }
         inbox.partial[lane] = decoder.buffered();
         drop(inbox);
@@ -1796,8 +1827,10 @@ fn lane0_to_inbox_locked(
         if frame.is_empty() {
             shared.stats.ticks_in.fetch_add(1, Ordering::Relaxed);
         } else if is_barrier(&frame) {
-            let counts =
-                lanes::decode_barrier(&frame.to_vec()).ok_or("malformed barrier marker")?;
+            let counts = (frame.len() == lanes::BARRIER_BYTES)
+                .then(|| lanes::decode_barrier(&frame.to_vec()))
+                .flatten()
+                .ok_or("malformed barrier marker")?;
             inbox.push(0, Item::Barrier(Box::new(counts)));
         } else {
             inbox.push(0, Item::Packet(into_packet(shared, frame)?));
@@ -2104,23 +2137,28 @@ async fn reader(
                     if let Err(e) = decoder.decode(&chunk.bytes, &mut frames) {
                         return (CLOSE_PROTOCOL, e.to_string());
                     }
-                    let thrown = decoder.take_discarded();
-                    for frame in frames.drain(..) {
-                        if frame.is_empty() {
-                            shared.stats.ticks_in.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            pending.push_back(frame);
+                    let mut thrown = Vec::new();
+                    for unit in frames.drain(..) {
+                        match unit {
+                            Decoded::Frame(frame) if frame.is_empty() => {
+                                shared.stats.ticks_in.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Decoded::Frame(frame) => pending.push_back(frame),
+                            // Only in the data phase (its start sets the limit): what came
+                            // before goes into the inbox first, so the frame thrown away
+                            // still counts in lane 0's order where it was, for barriers.
+                            Decoded::Discarded(len) => {
+                                if let Ok(mut inbox) = shared.inbox.lock() {
+                                    if let Err(why) = lane0_to_inbox_locked(shared, &mut inbox, &mut pending) {
+                                        return (CLOSE_PROTOCOL, why);
+                                    }
+                                    inbox.push(0, Item::Discarded);
+                                }
+                                thrown.push(len);
+                            }
                         }
                     }
                     if !thrown.is_empty() {
-                        if let Ok(mut inbox) = shared.inbox.lock() {
-                            if let Err(why) = lane0_to_inbox_locked(shared, &mut inbox, &mut pending) {
-                                return (CLOSE_PROTOCOL, why);
-                            }
-                            for _ in &thrown {
-                                inbox.push(0, Item::Discarded);
-                            }
-                        }
                         discarded(shared, thrown);
                     }
                 }

@@ -66,6 +66,13 @@ impl Frame {
     }
 }
 
+/// One unit of a stream, in order: a whole frame, or the length of one thrown away.
+#[derive(Debug)]
+pub enum Decoded {
+    Frame(Frame),
+    Discarded(usize),
+}
+
 #[derive(Debug)]
 pub struct FrameDecoder {
     max_len: u32,
@@ -183,6 +190,29 @@ impl FrameDecoder {
         Ok((used, None))
     }
 
+    /// Like [`FrameDecoder::decode_all`], with the frames thrown away for the discard
+    /// limit in their place among the others (a receiver that counts a stream's frames,
+    /// for barriers, must count them where they were).
+    pub fn decode_all_in_order(
+        &mut self,
+        input: &Bytes,
+        out: &mut Vec<Decoded>,
+    ) -> Result<(), FrameError> {
+        let mut at = 0;
+        loop {
+            // One call completes a frame or throws one away, never both.
+            out.extend(self.discarded.drain(..).map(Decoded::Discarded));
+            if at >= input.len() {
+                return Ok(());
+            }
+            let (used, frame) = self.decode(&input.slice(at..))?;
+            if let Some(frame) = frame {
+                out.push(Decoded::Frame(frame));
+            }
+            at += used;
+        }
+    }
+
     /// Decodes every whole frame in `input`, in order, buffering any partial rest.
     pub fn decode_all(&mut self, input: &Bytes, out: &mut Vec<Frame>) -> Result<(), FrameError> {
         let mut at = 0;
@@ -213,6 +243,40 @@ mod tests {
             out.extend_from_slice(f);
         }
         out
+    }
+
+    #[test]
+    fn discarded_frames_keep_their_place_among_the_others() {
+        fn seen(out: &mut Vec<Decoded>) -> Vec<String> {
+            out.drain(..)
+                .map(|u| match u {
+                    Decoded::Frame(f) => String::from_utf8(f.to_vec()).unwrap(),
+                    Decoded::Discarded(n) => n.to_string(),
+                })
+                .collect()
+        }
+        let input = Bytes::from(encode(&[
+            b"one".to_vec(),
+            vec![7; 100],
+            b"two".to_vec(),
+            vec![7; 50],
+            vec![7; 60],
+            b"three".to_vec(),
+        ]));
+        let want = ["one", "100", "two", "50", "60", "three"];
+        // In one chunk, and byte by byte: a discard found in one chunk keeps its place
+        // before the frames of the next.
+        for step in [input.len(), 1] {
+            let mut d = FrameDecoder::new(1 << 20);
+            d.set_discard_above(8);
+            let mut out = Vec::new();
+            for at in (0..input.len()).step_by(step) {
+                let chunk = input.slice(at..(at + step).min(input.len()));
+                d.decode_all_in_order(&chunk, &mut out).unwrap();
+            }
+            assert_eq!(seen(&mut out), want, "in chunks of {step}");
+            assert!(d.take_discarded().is_empty());
+        }
     }
 
     #[test]

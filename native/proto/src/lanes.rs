@@ -18,9 +18,10 @@
 //! Nor by one sent after it: a packet that names no sender may be from any process, and
 //! that process's later packets may go on its own lane. The VM writes the messages it
 //! queued while a connection was being set up as `SEND`, and the same processes' later
-//! ones as `SEND_SENDER`. So a link opens on lane 0 alone until the first `SEND_SENDER`
-//! ([`ends_opening`]); from then on each other lane's first packet is preceded by a
-//! *fence*, a marker of the same form on that lane that counts lane 0 only. A packet
+//! ones as `SEND_SENDER`. So a link opens on lane 0 alone (at least 250 ms by default;
+//! the sending side, `trust_dist_net`, decides when it ends); from then on each other
+//! lane's first packet is preceded by a *fence*, a marker of the same form on that lane
+//! that counts lane 0 only. A packet
 //! needing it later ([`fences_other_lanes`]; a DOWN by name does not, its process has
 //! ended) puts the link on lane 0 for good (the sending side, `trust_dist_net`, says why).
 //!
@@ -132,13 +133,6 @@ pub fn fences_other_lanes(packet: &[u8]) -> bool {
     !matches!(op_of(packet), Some(21 | 28))
 }
 
-/// True for `SEND_SENDER` and `SEND_SENDER_TT`: the VM writes them only once a connection
-/// is set up (toward a pending one it writes `SEND`, which names no sender), so the first
-/// one ends a link's opening, where every packet goes on lane 0.
-pub fn ends_opening(packet: &[u8]) -> bool {
-    matches!(op_of(packet), Some(22 | 23))
-}
-
 fn op_of(packet: &[u8]) -> Option<i64> {
     packet
         .strip_prefix(&[112, VERSION])
@@ -164,6 +158,9 @@ fn lane_index(pid: &[u8], salt: u64) -> usize {
     // Fold the high bits in: the low bits of FNV alone spread short inputs poorly.
     ((hash ^ (hash >> 32)) % LANES as u64) as usize
 }
+
+/// The size of a barrier marker's body.
+pub const BARRIER_BYTES: usize = 1 + 8 * LANES;
 
 /// A barrier marker: `BARRIER_TAG`, then the packets sent so far on each lane, as
 /// little-endian u64s.
@@ -281,12 +278,6 @@ mod tests {
         assert!(fences_other_lanes(&send));
         assert!(!fences_other_lanes(&down));
         assert!(fences_other_lanes(b"junk"));
-        // Only a SEND_SENDER ends a link's opening.
-        let send_sender = build::packet(22, &[&pid(1), &to], Some(&reason));
-        assert!(ends_opening(&send_sender));
-        for other in [&send, &down, &b"junk"[..]] {
-            assert!(!ends_opening(other));
-        }
     }
 
     #[test]
