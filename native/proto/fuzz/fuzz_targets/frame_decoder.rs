@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use trust_dist_proto::frame::{FrameDecoder, HEADER_BYTES};
+use trust_dist_proto::frame::{Decoded, FrameDecoder, HEADER_BYTES};
 use trust_dist_proto::lanes;
 
 fn run(max: u32, discard: u32, input: &[u8], chunks: &[usize]) -> (Vec<Vec<u8>>, Vec<usize>, bool) {
@@ -74,6 +74,39 @@ fuzz_target!(|data: &[u8]| {
     let out: Vec<Vec<u8>> = out.iter().map(|f| f.to_vec()).collect();
     assert_eq!(r.is_err(), whole.2);
     assert_eq!(out, whole.0);
+    // decode_all_in_order hands out the same frames and discards, and a discard is
+    // never later than a frame that came after it: frames and discards, byte by byte
+    // as they are found, give the order.
+    let mut d = FrameDecoder::new(max);
+    d.set_discard_above(discard);
+    let mut units = Vec::new();
+    let r = d.decode_all_in_order(&Bytes::copy_from_slice(input), &mut units);
+    assert_eq!(r.is_err(), whole.2);
+    let (mut frames, mut thrown) = (Vec::new(), Vec::new());
+    for unit in &units {
+        match unit {
+            Decoded::Frame(f) => frames.push(f.to_vec()),
+            Decoded::Discarded(n) => thrown.push(*n),
+        }
+    }
+    assert_eq!(frames, whole.0);
+    if !whole.2 {
+        assert_eq!(thrown, whole.1);
+        let mut d = FrameDecoder::new(max);
+        d.set_discard_above(discard);
+        let mut order = Vec::new();
+        for at in 0..input.len() {
+            let mut step = Vec::new();
+            d.decode_all_in_order(&Bytes::copy_from_slice(&input[at..at + 1]), &mut step)
+                .expect("no error when the whole input had none");
+            order.extend(step.iter().map(|u| matches!(u, Decoded::Frame(_))));
+        }
+        let whole_order: Vec<bool> = units
+            .iter()
+            .map(|u| matches!(u, Decoded::Frame(_)))
+            .collect();
+        assert_eq!(order, whole_order);
+    }
     for frame in &out {
         if let Some(counts) = lanes::decode_barrier(frame) {
             assert!(lanes::is_barrier(frame));
