@@ -276,6 +276,9 @@ struct Inbox {
     partial: [usize; LANES],
     /// Items taken from each lane so far (packets, refused or not, and discarded frames).
     delivered: [u64; LANES],
+    /// Items each lane holds that count in its order (all but barriers): with
+    /// `delivered`, what the peer has sent on the lane so far.
+    counted: [u64; LANES],
     /// Lanes whose stream the peer has opened, and those whose stream has ended.
     opened: [bool; LANES],
     ended: [bool; LANES],
@@ -294,6 +297,7 @@ impl Default for Inbox {
             bytes: [0; LANES],
             partial: [0; LANES],
             delivered: [0; LANES],
+            counted: [0; LANES],
             opened: [false; LANES],
             ended: [false; LANES],
             ticks_opened: false,
@@ -306,13 +310,41 @@ impl Default for Inbox {
 impl Inbox {
     fn push(&mut self, lane: usize, item: Item) {
         self.bytes[lane] += item.held_bytes();
+        if !matches!(item, Item::Barrier(_)) {
+            self.counted[lane] += 1;
+        }
         self.lanes[lane].push_back(item);
     }
 
     fn pop(&mut self, lane: usize) -> Option<Item> {
         let item = self.lanes[lane].pop_front()?;
         self.bytes[lane] -= item.held_bytes();
+        if !matches!(item, Item::Barrier(_)) {
+            self.counted[lane] -= 1;
+        }
         Some(item)
+    }
+
+    /// Queues a barrier marker the peer sent on `lane`, if it is one our sending side
+    /// could have written: on lane 0, counting exactly the packets sent on lane 0 before
+    /// it; on the other lanes (a fence), counting lane 0 alone. Anything else could only
+    /// hold the lane back for good, so it ends the link, saying why.
+    fn push_marker(&mut self, lane: usize, counts: [u64; LANES]) -> Result<(), String> {
+        if lane == 0 {
+            let before = self.delivered[0] + self.counted[0];
+            if counts[0] != before {
+                return Err(format!(
+                    "barrier marker on lane 0 counts {} packets before it on lane 0, not {before}",
+                    counts[0]
+                ));
+            }
+        } else if counts[1..].iter().any(|&n| n > 0) {
+            return Err(format!(
+                "barrier marker on lane {lane} counts lanes other than 0 (a fence counts lane 0 only)"
+            ));
+        }
+        self.push(lane, Item::Barrier(Box::new(counts)));
+        Ok(())
     }
 
     /// May lane `lane`'s reader read more now? See [`LINK_READ_AHEAD`].
@@ -1621,7 +1653,7 @@ async fn lane_reader(
                         .then(|| lanes::decode_barrier(&frame.to_vec()))
                         .flatten()
                         .ok_or_else(|| format!("malformed barrier marker on lane {lane}"))?;
-                    inbox.push(lane, Item::Barrier(Box::new(counts)));
+                    inbox.push_marker(lane, counts)?;
                 }
                 Decoded::Frame(frame) => {
                     inbox.push(lane, Item::Packet(into_packet(shared, frame)?));
@@ -1831,7 +1863,7 @@ fn lane0_to_inbox_locked(
                 .then(|| lanes::decode_barrier(&frame.to_vec()))
                 .flatten()
                 .ok_or("malformed barrier marker")?;
-            inbox.push(0, Item::Barrier(Box::new(counts)));
+            inbox.push_marker(0, counts)?;
         } else {
             inbox.push(0, Item::Packet(into_packet(shared, frame)?));
         }
@@ -2215,6 +2247,31 @@ mod inbox_tests {
         }
         assert!(inbox.pop(0).is_some());
         assert!(inbox.may_read(0));
+    }
+
+    #[test]
+    fn only_markers_our_sender_could_write_are_taken() {
+        let mut inbox = Inbox::default();
+        for _ in 0..3 {
+            inbox.push(0, Item::Discarded);
+        }
+        // Taken as a delivery pass takes it.
+        let _ = inbox.pop(0);
+        inbox.delivered[0] += 1;
+        let mut counts = [0u64; LANES];
+        counts[5] = 7;
+        // Lane 0: exactly the three items sent on lane 0 before it (one already taken).
+        counts[0] = 2;
+        assert!(inbox.push_marker(0, counts).unwrap_err().contains("not 3"));
+        counts[0] = 3;
+        assert!(inbox.push_marker(0, counts).is_ok());
+        // A marker does not count itself.
+        assert!(inbox.push_marker(0, counts).is_ok());
+        // A fence counts lane 0 alone.
+        assert!(inbox.push_marker(4, counts).unwrap_err().contains("lane 4"));
+        counts[5] = 0;
+        counts[0] = 1_000;
+        assert!(inbox.push_marker(4, counts).is_ok());
     }
 
     #[test]
