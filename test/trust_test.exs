@@ -727,13 +727,18 @@ defmodule TrustDist.TrustTest do
         assert is_integer(link[:denied]) and link[:denied] >= 1
         w = node_of(cl, :worker)
 
+        # Reports are rate-limited per link (10 a second, the rest counted): right after
+        # another test's flood (a monitor flood runs on this link) the first attempt's
+        # report may be one of those counted, so each try makes a fresh denial.
         report =
           C.eventually(
             fn ->
+              on(cl, :worker, :try_spawn, [node_of(cl, :admin), path])
+
               on(cl, :admin, :reports, [:trust_dist_denied])
               |> Enum.find(&(&1[:peer] == w and &1[:op] == :spawn_request))
             end,
-            2_000
+            5_000
           )
 
         assert report, "no trust_dist_denied report for worker's spawn request"
