@@ -1649,9 +1649,7 @@ async fn lane_reader(
                 }
                 Decoded::Frame(frame) if is_barrier(&frame) => {
                     // A fence: this lane's later packets wait for lane 0 (see SendLanes).
-                    let counts = (frame.len() == lanes::BARRIER_BYTES)
-                        .then(|| lanes::decode_barrier(&frame.to_vec()))
-                        .flatten()
+                    let counts = marker_counts(&frame)
                         .ok_or_else(|| format!("malformed barrier marker on lane {lane}"))?;
                     inbox.push_marker(lane, counts)?;
                 }
@@ -1859,16 +1857,22 @@ fn lane0_to_inbox_locked(
         if frame.is_empty() {
             shared.stats.ticks_in.fetch_add(1, Ordering::Relaxed);
         } else if is_barrier(&frame) {
-            let counts = (frame.len() == lanes::BARRIER_BYTES)
-                .then(|| lanes::decode_barrier(&frame.to_vec()))
-                .flatten()
-                .ok_or("malformed barrier marker")?;
+            let counts = marker_counts(&frame).ok_or("malformed barrier marker on lane 0")?;
             inbox.push_marker(0, counts)?;
         } else {
             inbox.push(0, Item::Packet(into_packet(shared, frame)?));
         }
     }
     Ok(())
+}
+
+/// A barrier marker's counts; `None` if it is malformed. The size is checked before the
+/// frame is put together, so a peer's huge frame is never copied for this.
+fn marker_counts(frame: &Frame) -> Option<[u64; LANES]> {
+    if frame.len() != lanes::BARRIER_BYTES {
+        return None;
+    }
+    lanes::decode_barrier(&frame.to_vec())
 }
 
 fn is_barrier(frame: &Frame) -> bool {
