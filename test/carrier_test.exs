@@ -107,6 +107,7 @@ defmodule TrustDist.CarrierTest do
     assert link.bytes_in > 0 and link.bytes_out > 0
     # A link that carried only ordinary traffic keeps all its lanes.
     assert link.lanes == 32
+    assert link.reopenings == 0
     assert [%{node: ^a}] = C.call(pb, TrustDist, :links, [])
   end
 end

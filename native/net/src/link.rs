@@ -380,26 +380,31 @@ struct SendLanes {
     /// same processes' later messages as `SEND_SENDER`. So a link opens on lane 0 alone
     /// (`opening`). Then each other lane's first packet is preceded by a *fence*: a marker
     /// that waits for lane 0 up to the opening's end (`fence_upto`); `fenced` are the
-    /// lanes that still owe theirs. Lane 0 holds no barrier in the opening, and all of it
-    /// is in QUIC when the opening ends (the rule is in `route`), so what the fences wait
-    /// for never waits for them, in the inbox or for QUIC's connection window.
+    /// lanes that still owe theirs. The opening ends only when every lane has all of its
+    /// data in QUIC (the rule is in `route`): what the fences wait for then already holds
+    /// its share of QUIC's connection window, and lane 0's barriers wait only for packets
+    /// sent before the fences, so nothing waits in a circle, in the inbox or for the
+    /// window.
     ///
     /// A process the VM suspended on the pending connection's full queue holds one
     /// message already written as `SEND`, and queues it when resumed, which can be after
-    /// other processes' first packets. The opening therefore lasts at least
+    /// other processes' first packets. The first opening therefore lasts at least
     /// `Settings::opening` from the data phase's start, which covers the processes the
     /// VM resumes once the connection comes up.
+    ///
+    /// A packet without a sender after the opening (a late resumed `SEND`, a DOWN for a
+    /// monitor set by registered name, whose process's DOWNs by pid and link exits may
+    /// follow it, or an operation this version does not know) goes behind a barrier and
+    /// opens the link again (`reopened`): lane 0 alone, until the same rule lets the
+    /// lanes go on behind new fences.
     opening: bool,
     data_since: std::time::Instant,
     fenced: [bool; LANES],
     fence_upto: u64,
-    /// A packet without a sender after the opening (a race in the VM's hand-over of its
-    /// queue, or an operation this version does not know) switches the link to lane 0
-    /// alone, for good: its barrier keeps it behind everything sent before, and
-    /// everything after is behind it on the same stream. Fences instead could leave lane
-    /// 0 waiting for lanes that wait for lane 0, through the read-ahead and QUIC's
-    /// connection window they share.
-    single_lane: bool,
+    /// In an opening that a packet without a sender began, not the link's first.
+    reopened: bool,
+    /// How many times that happened.
+    reopenings: u64,
     /// Bytes given to each lane's writer and not yet written to QUIC.
     queued: [usize; LANES],
     /// Processes paused because their lane went over its high-water mark (their pids as
@@ -564,14 +569,19 @@ impl Link {
         out
     }
 
-    /// The lanes this link may send on: all of them (from the end of its opening, see
-    /// `SendLanes::opening`), or 1 once a packet without a sender came after the opening
-    /// (`SendLanes::single_lane`).
+    /// The lanes this link sends on now: 1 while a packet without a sender has it on lane
+    /// 0 alone (see `SendLanes::opening`), else all of them.
     pub fn lanes_in_use(&self) -> usize {
         match self.shared.lanes.lock() {
-            Ok(lanes) if lanes.single_lane => 1,
+            Ok(lanes) if lanes.reopened => 1,
             _ => LANES,
         }
+    }
+
+    /// How many times a packet without a sender, after the link's opening, put it on lane 0
+    /// alone for a while.
+    pub fn reopenings(&self) -> u64 {
+        self.shared.lanes.lock().map_or(0, |lanes| lanes.reopenings)
     }
 
     /// Bytes accepted by [`Link::send`] and not yet written to QUIC.
@@ -1090,7 +1100,8 @@ fn spawn_link(
             data_since: std::time::Instant::now(),
             fenced: [false; LANES],
             fence_upto: 0,
-            single_lane: false,
+            reopened: false,
+            reopenings: 0,
             queued: [0; LANES],
             paused: (0..LANES).map(|_| Vec::new()).collect(),
         }),
@@ -1271,18 +1282,18 @@ fn route(
                 }
             };
             // The opening ends with a packet that names its sender, once its least time
-            // has passed and all of lane 0 has been written to QUIC (so the data the
-            // fences wait for already has its share of the connection's window).
+            // has passed and every lane has all of its data in QUIC (so the data the
+            // fences and barriers wait for already has its share of the connection's
+            // window).
             let opening_ends = state.opening
                 && sender.is_some()
-                && state.queued[0] == 0
-                && split.bytes[0] == 0
+                && state.queued.iter().all(|&bytes| bytes == 0)
+                && split.bytes.iter().all(|&bytes| bytes == 0)
                 && state.data_since.elapsed() >= shared.carrier.settings.opening;
             match sender {
                 _ if head.is_empty() && frame.len() == 1 => split.put_frame(0, frame),
-                // On one lane, everything is in order by the stream itself: after the
-                // switch, everything waits behind the barrier that switched.
-                _ if state.single_lane || (state.opening && !opening_ends) => {
+                // On one lane, everything is in order by the stream itself.
+                _ if state.opening && !opening_ends => {
                     split.put_frame(0, frame);
                     state.sent[0] += 1;
                     if let Some((_, pid, true)) = sender {
@@ -1294,6 +1305,7 @@ fn route(
                 Some((lane, pid, message)) => {
                     if state.opening {
                         state.opening = false;
+                        state.reopened = false;
                         state.fence_upto = state.sent[0];
                         let owed = state.fence_upto > 0;
                         state.fenced[1..].fill(owed);
@@ -1315,10 +1327,11 @@ fn route(
                     }
                     split.put_frame(0, frame);
                     state.sent[0] += 1;
-                    // The operation code leads the control message, so the head has it;
-                    // a head too short to tell counts as needing it, which is never wrong.
-                    if !all_behind_barrier && lanes::fences_other_lanes(head) {
-                        state.single_lane = true;
+                    // Its sender's later packets must not overtake it either.
+                    if !all_behind_barrier {
+                        state.opening = true;
+                        state.reopened = true;
+                        state.reopenings += 1;
                     }
                 }
             }

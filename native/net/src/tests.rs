@@ -884,42 +884,64 @@ fn a_sender_held_back_by_credit_does_not_hold_back_others() {
 
 /// A signal that names no sending pid (here a DOWN for a monitor set by registered name)
 /// travels behind a barrier: it is never handed up before anything sent before it, on
-/// any lane, while later packets of other processes still pass.
+/// any lane. Nor after what its process sends next: a process that ends sends its DOWNs
+/// by name and by pid interleaved (on OTP 25: link exits first, then its monitors in the
+/// order of their references), so the packets after it wait for it too, and the link
+/// takes up its lanes again afterwards.
 #[test]
-fn a_signal_without_a_sender_pid_waits_for_every_lane() {
+fn downs_by_name_keep_their_place_among_their_process_s_other_signals() {
     use trust_dist_proto::control::answer;
     use trust_dist_proto::etf::encode;
     let (_nodes, a_end, b_end) = credit_limited_link(256 * 1024);
     let bulk = bulk_from(100);
-    let down_by_name = answer::monitor_exit(
-        &encode::atom_term("registered"),
-        &encode::pid(B, 1, 0, 9),
-        &encode::reference(A, 7, &[1, 2, 3]),
-        "normal",
-    );
-    let later: Vec<Vec<u8>> = (0..16).map(|i| send_sender(200 + i, b"later")).collect();
-    let mut all: Vec<&[u8]> = bulk.iter().map(Vec::as_slice).collect();
-    all.push(&down_by_name);
-    all.extend(later.iter().map(Vec::as_slice));
+    let watcher = encode::pid(B, 1, 0, 9);
+    // Four processes end, each with a DOWN by name and then one by pid for the same
+    // watcher: the pids' lanes cannot all be lane 0 or the bulk's.
+    let mut ending: Vec<Vec<u8>> = Vec::new();
+    for process in 700..704u32 {
+        let by_name = encode::reference(A, 7, &[process, 1, 1]);
+        let by_pid = encode::reference(A, 7, &[process, 2, 2]);
+        let name = encode::atom_term("registered");
+        let pid = encode::pid(A, process, 0, 7);
+        ending.push(answer::monitor_exit(&name, &watcher, &by_name, "normal"));
+        ending.push(answer::monitor_exit(&pid, &watcher, &by_pid, "normal"));
+    }
+    let all: Vec<&[u8]> = bulk.iter().chain(&ending).map(Vec::as_slice).collect();
     assert!(a_end.send(&all));
+    assert_eq!(a_end.link.lanes_in_use(), 1, "on lane 0 alone after it");
+    assert_eq!(a_end.link.reopenings(), 1);
     let handed = handed_unacked(&b_end);
     assert!(
-        !handed.contains(&down_by_name),
-        "the DOWN overtook bulk messages sent before it"
-    );
-    assert!(
-        handed.iter().filter(|p| later.contains(p)).count() >= 12,
-        "the barrier held back later packets of other lanes"
+        !handed.iter().any(|p| ending.contains(p)),
+        "a DOWN overtook bulk messages sent before it"
     );
     b_end.link.ack(handed.iter().map(Vec::len).sum::<usize>());
     let rest = b_end.receive(all.len() - handed.len());
     let got: Vec<Vec<u8>> = handed.into_iter().chain(rest).collect();
-    let down_at = got.iter().position(|p| *p == down_by_name).unwrap();
     let last_bulk = got.iter().rposition(|p| bulk.contains(p)).unwrap();
+    let at: Vec<usize> = ending
+        .iter()
+        .map(|p| got.iter().position(|g| g == p).unwrap())
+        .collect();
     assert!(
-        down_at > last_bulk,
-        "DOWN at {down_at}, a bulk packet at {last_bulk}"
+        at[0] > last_bulk && at.windows(2).all(|w| w[0] < w[1]),
+        "the DOWNs at {at:?}, in the order sent after the bulk (last at {last_bulk})"
     );
+    let next = send_sender(900, b"after");
+    wait_for_quic_to_take_everything(&a_end);
+    assert!(a_end.send(&[&next]));
+    assert_eq!(b_end.receive(1), vec![next]);
+    assert_eq!(a_end.link.lanes_in_use(), trust_dist_proto::lanes::LANES);
+}
+
+/// Waits (a bounded time) until `end`'s link has written everything it was given into
+/// QUIC, which is when a link on lane 0 alone may take up its lanes again.
+fn wait_for_quic_to_take_everything(end: &End) {
+    let started = Instant::now();
+    while end.link.queued_bytes() > 0 {
+        assert!(started.elapsed() < WAIT, "the link's queue did not drain");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Messages a process sent while the connection was being set up come as `SEND`, which
@@ -955,41 +977,51 @@ fn sends_without_a_sender_are_not_overtaken_by_later_packets_on_other_lanes() {
 
 /// A packet that names no sender after other lanes have carried packets (here a `SEND`
 /// as the VM writes it toward a connection being set up; an operation this version does
-/// not know is treated alike): the link goes on on lane 0 alone, so neither what was
+/// not know is treated alike) could be any process's: the link goes on on lane 0 alone
+/// until all of that is in QUIC, then on its lanes behind fences, so neither what was
 /// sent before it nor what is sent after it, by any process, is reordered around it.
 #[test]
 fn a_packet_without_a_sender_after_lanes_were_used_keeps_everyone_in_order() {
     let (_nodes, a_end, b_end) = credit_limited_link(256 * 1024);
-    let without_sender = send_without_sender(b"early");
+    let without_sender = send_without_sender(b"late");
     let before = bulk_from(300);
-    let later: Vec<Vec<u8>> = (0..16)
-        .map(|i| send_sender(300 + i % 4, &noise(2000 + i as u64, 100)))
-        .collect();
-    let mut all: Vec<&[u8]> = before.iter().map(Vec::as_slice).collect();
-    all.push(&without_sender);
-    all.extend(later.iter().map(Vec::as_slice));
-    assert!(a_end.send(&all));
+    let later = |seed: u64| -> Vec<Vec<u8>> {
+        (0..16)
+            .map(|i| send_sender(300 + i as u32 % 4, &noise(seed + i, 100)))
+            .collect()
+    };
+    let (during, after) = (later(2000), later(3000));
+    let mut first: Vec<&[u8]> = before.iter().map(Vec::as_slice).collect();
+    first.push(&without_sender);
+    first.extend(during.iter().map(Vec::as_slice));
+    assert!(a_end.send(&first));
+    assert_eq!(a_end.link.lanes_in_use(), 1);
+    // The receiving VM has not acked, so the bulk and everything behind the barrier wait
+    // at b. The sending side goes back to its lanes; the fences keep `after` behind.
+    wait_for_quic_to_take_everything(&a_end);
+    assert!(a_end.send(&after.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+    assert_eq!(a_end.link.lanes_in_use(), trust_dist_proto::lanes::LANES);
     let handed = handed_unacked(&b_end);
     assert!(
         !handed
             .iter()
-            .any(|p| later.contains(p) || *p == without_sender),
+            .any(|p| during.contains(p) || after.contains(p) || *p == without_sender),
         "a packet overtook the bulk sent before it"
     );
     b_end.link.ack(handed.iter().map(Vec::len).sum::<usize>());
-    let rest = b_end.receive(all.len() - handed.len());
+    let rest = b_end.receive(first.len() + after.len() - handed.len());
     let got: Vec<Vec<u8>> = handed.into_iter().chain(rest).collect();
     // The bulk, then the packet without a sender, then the later ones, each sender's in
-    // order. (Not one total order: when the salt puts the bulk sender on lane 0 itself,
-    // the link is still in its opening phase and fences order the later ones instead.)
+    // order.
     let at = got.iter().position(|p| *p == without_sender).unwrap();
     assert!(
         got[..at].iter().eq(before.iter()),
         "the bulk before it, in order"
     );
     for pid in 300..304u32 {
-        let sent: Vec<&Vec<u8>> = later
+        let sent: Vec<&Vec<u8>> = during
             .iter()
+            .chain(&after)
             .enumerate()
             .filter(|(i, _)| 300 + (*i as u32) % 4 == pid)
             .map(|(_, p)| p)
@@ -1000,17 +1032,13 @@ fn a_packet_without_a_sender_after_lanes_were_used_keeps_everyone_in_order() {
             "pid {pid}'s later packets, in order, after it"
         );
     }
-    assert_eq!(a_end.link.lanes_in_use(), 1);
-    // And the link goes on.
-    let next = send_sender(900, b"after");
-    assert!(a_end.send(&[&next]));
-    assert_eq!(b_end.receive(1), vec![next]);
+    assert_eq!(a_end.link.reopenings(), 1);
 }
 
 /// A process the VM suspended on the pending connection's full queue holds a message
 /// already written as `SEND` and queues it when resumed, after other processes' first
 /// `SEND_SENDER`s: within the opening's least time that is still the opening (lane 0,
-/// lanes kept); after it, the link falls back to one lane.
+/// lanes kept); after it, the link goes back to lane 0 alone for a while.
 #[test]
 fn a_late_send_without_sender_within_the_opening_keeps_the_lanes() {
     let opening = Duration::from_millis(500);
@@ -1050,6 +1078,12 @@ fn a_late_send_without_sender_within_the_opening_keeps_the_lanes() {
     assert!(a_end.send(&[&late]));
     assert_eq!(b_end.receive(1), vec![late]);
     assert_eq!(a_end.link.lanes_in_use(), 1);
+    // With everything in QUIC, the next packet that names its sender lets the lanes go on.
+    wait_for_quic_to_take_everything(&a_end);
+    let resumed = send_sender(403, b"lanes again");
+    assert!(a_end.send(&[&resumed]));
+    assert_eq!(b_end.receive(1), vec![resumed]);
+    assert_eq!(a_end.link.lanes_in_use(), trust_dist_proto::lanes::LANES);
 }
 
 /// Many lanes at once, barriers among them, a receiver that acks slowly and a small

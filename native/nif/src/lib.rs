@@ -29,7 +29,7 @@ mod atoms {
         trust_dist_accepted, trust_dist_connected, trust_dist_connect_failed, trust_dist_log,
         debug, info, notice, warning,
         certified_as, tier, fingerprint, mode, cross_tier, address, serial, not_after, issuer, full, restricted,
-        bytes_in, bytes_out, packets_in, packets_out, queued, lanes, ticks_in, ticks_out, dropped_in,
+        bytes_in, bytes_out, packets_in, packets_out, queued, lanes, reopenings, ticks_in, ticks_out, dropped_in,
         identity, certificate, authorities, tiers, listen, node_name, runtime,
         policy, assertions, counters, denied, trust_dist_denied, revoked,
         peer, op, reason, outcome, detail, suppressed,
@@ -981,6 +981,10 @@ fn stats<'a>(env: Env<'a>, link: ResourceArc<LinkResource>) -> NifResult<Term<'a
         (
             atoms::lanes().encode(env),
             link.link.lanes_in_use().encode(env),
+        ),
+        (
+            atoms::reopenings().encode(env),
+            link.link.reopenings().encode(env),
         ),
     ];
     let mut pairs = pairs;

@@ -18,12 +18,11 @@
 //! Nor by one sent after it: a packet that names no sender may be from any process, and
 //! that process's later packets may go on its own lane. The VM writes the messages it
 //! queued while a connection was being set up as `SEND`, and the same processes' later
-//! ones as `SEND_SENDER`. So a link opens on lane 0 alone (at least 250 ms by default;
-//! the sending side, `trust_dist_net`, decides when it ends); from then on each other
-//! lane's first packet is preceded by a *fence*, a marker of the same form on that lane
-//! that counts lane 0 only. A packet
-//! needing it later ([`fences_other_lanes`]; a DOWN by name does not, its process has
-//! ended) puts the link on lane 0 for good (the sending side, `trust_dist_net`, says why).
+//! ones as `SEND_SENDER`; a process that ends sends its DOWNs by name and by pid
+//! interleaved. So a link opens on lane 0 alone (at least 250 ms by default), and goes
+//! back to lane 0 alone after each such packet; when the sending side (`trust_dist_net`)
+//! leaves lane 0 again, each other lane's next packet is preceded by a *fence*, a marker
+//! of the same form on that lane that counts lane 0 only.
 //!
 //! Everything here is pure: the sender classifies its own VM's packets, the receiver
 //! parses markers from its peer (which must not panic on any input).
@@ -121,16 +120,6 @@ fn sender_pid(packet: &[u8]) -> Option<(&[u8], i64)> {
 /// messages; a lane's pause follows it.
 pub fn carries_message(packet: &[u8]) -> bool {
     op_of(packet).is_some_and(is_message_op)
-}
-
-/// True if a packet that names no sender (one [`lane_of`] puts behind a barrier) may have
-/// come from a process that goes on sending: then the later packets on every other lane
-/// must not overtake it either, as they may be that process's. A `SEND` (a message queued
-/// while the connection was being set up: the VM encodes those without `SEND_SENDER`,
-/// whose flag is not in force yet) or anything unrecognised may; a DOWN by registered
-/// name (`MONITOR_P_EXIT`, `PAYLOAD_MONITOR_P_EXIT`) comes from a process that has ended.
-pub fn fences_other_lanes(packet: &[u8]) -> bool {
-    !matches!(op_of(packet), Some(21 | 28))
 }
 
 fn op_of(packet: &[u8]) -> Option<i64> {
@@ -266,7 +255,7 @@ mod tests {
     }
 
     #[test]
-    fn a_send_without_sender_fences_other_lanes_a_down_by_name_does_not() {
+    fn sends_without_sender_and_downs_by_name_go_behind_a_barrier() {
         let to = pid(2);
         let reference = encode::reference("a@host", 7, &[1, 2, 3]);
         let name = encode::atom_term("name");
@@ -275,9 +264,7 @@ mod tests {
         let down = build::packet(21, &[&name, &to, &reference, &reason], None);
         assert_eq!(lane_of(&send, 42), Lane::Barrier);
         assert_eq!(lane_of(&down, 42), Lane::Barrier);
-        assert!(fences_other_lanes(&send));
-        assert!(!fences_other_lanes(&down));
-        assert!(fences_other_lanes(b"junk"));
+        assert_eq!(lane_of(b"junk", 42), Lane::Barrier);
     }
 
     #[test]
