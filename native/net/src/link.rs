@@ -353,13 +353,41 @@ impl Inbox {
         if complete >= LANE_READ_AHEAD {
             return false;
         }
-        let held: usize = self.bytes.iter().chain(&self.partial).sum();
-        if held < LINK_READ_AHEAD || complete + partial == 0 {
+        if !self.over_mark() || complete + partial == 0 {
             return true;
         }
-        // Over the link's mark: the lane furthest into a frame goes on, so it completes.
-        let furthest = (0..LANES).max_by_key(|&l| (self.partial[l], std::cmp::Reverse(l)));
-        partial > 0 && furthest == Some(lane)
+        // Over the link's mark, one lane goes on: the one furthest into a frame, so it
+        // completes, of those that can use what they read (under their own mark, not held
+        // back by a marker). A lane that a marker waits for comes first: the lanes behind
+        // that marker may be the ones holding the read-ahead, and only it can free them.
+        let furthest = |awaited_only: bool| {
+            (0..LANES)
+                .filter(|&l| {
+                    self.partial[l] > 0
+                        && self.bytes[l] < LANE_READ_AHEAD
+                        && !self.held_back(l)
+                        && (!awaited_only || self.awaited(l))
+                })
+                .max_by_key(|&l| (self.partial[l], std::cmp::Reverse(l)))
+        };
+        furthest(true).or_else(|| furthest(false)) == Some(lane)
+    }
+
+    /// Do the lanes hold the link's read-ahead mark or more?
+    fn over_mark(&self) -> bool {
+        self.bytes.iter().chain(&self.partial).sum::<usize>() >= LINK_READ_AHEAD
+    }
+
+    /// Does a marker not yet met stand at the front of `lane`?
+    fn held_back(&self, lane: usize) -> bool {
+        matches!(self.lanes[lane].front(), Some(Item::Barrier(counts)) if !self.barrier_met(counts))
+    }
+
+    /// Does a marker at the front of some lane wait for more of `lane`'s packets?
+    fn awaited(&self, lane: usize) -> bool {
+        self.lanes.iter().any(|items| {
+            matches!(items.front(), Some(Item::Barrier(counts)) if counts[lane] > self.delivered[lane])
+        })
     }
 
     fn barrier_met(&self, counts: &[u64; LANES]) -> bool {
@@ -380,11 +408,12 @@ struct SendLanes {
     /// same processes' later messages as `SEND_SENDER`. So a link opens on lane 0 alone
     /// (`opening`). Then each other lane's first packet is preceded by a *fence*: a marker
     /// that waits for lane 0 up to the opening's end (`fence_upto`); `fenced` are the
-    /// lanes that still owe theirs. The opening ends only when every lane has all of its
+    /// lanes that still owe theirs. Every marker waits only for packets routed before it,
+    /// so nothing waits in a circle. The opening ends only when every lane has all of its
     /// data in QUIC (the rule is in `route`): what the fences wait for then already holds
-    /// its share of QUIC's connection window, and lane 0's barriers wait only for packets
-    /// sent before the fences, so nothing waits in a circle, in the inbox or for the
-    /// window.
+    /// its share of QUIC's connection window, which the data behind them cannot take
+    /// from it; and the receiver lets a lane that a marker waits for read first
+    /// (`Inbox::may_read`).
     ///
     /// A process the VM suspended on the pending connection's full queue holds one
     /// message already written as `SEND`, and queues it when resumed, which can be after
@@ -1239,12 +1268,12 @@ impl<'a> Split<'a> {
 
 /// Splits whole frames by lane and hands each lane's share to its writer, under the lane
 /// lock so that each lane's order and the counts a barrier carries agree. Returns the
-/// bytes queued and the senders to pause.
+/// bytes queued and the senders to pause. `from_vm` is false for the filter's answers.
 fn route(
     shared: &Shared,
     frames: &Frames,
     all_behind_barrier: bool,
-    pauses: bool,
+    from_vm: bool,
     writer: &dyn Fn(usize) -> Option<mpsc::UnboundedSender<Outgoing>>,
 ) -> (usize, Vec<Vec<u8>>) {
     let Ok(mut state) = shared.lanes.lock() else {
@@ -1327,8 +1356,9 @@ fn route(
                     }
                     split.put_frame(0, frame);
                     state.sent[0] += 1;
-                    // Its sender's later packets must not overtake it either.
-                    if !all_behind_barrier {
+                    // Its sender's later packets must not overtake it either. (The filter's
+                    // answers have no sender whose later packets could.)
+                    if !all_behind_barrier && from_vm {
                         state.opening = true;
                         state.reopened = true;
                         state.reopenings += 1;
@@ -1358,7 +1388,7 @@ fn route(
     }
     let mut pause = Vec::new();
     // The filter's answers name processes the peer chose: they pause nobody.
-    if !pauses {
+    if !from_vm {
         senders.clear();
     }
     // Only a process sending messages pauses, as only messages make the VM suspend a
@@ -1672,7 +1702,12 @@ async fn lane_reader(
             }
         }
         inbox.partial[lane] = decoder.buffered();
+        // Over the link's mark, which lane may read next depends on what every lane holds.
+        let others_may_read = inbox.over_mark();
         drop(inbox);
+        if others_may_read {
+            shared.room.notify_waiters();
+        }
         if !thrown.is_empty() {
             discarded(shared, thrown);
         }
@@ -2251,6 +2286,35 @@ mod inbox_tests {
             "the frame furthest along must be able to complete"
         );
         assert!(inbox.may_read(7));
+    }
+
+    #[test]
+    fn over_the_links_mark_the_lane_a_marker_waits_for_reads_first() {
+        let mut inbox = Inbox::default();
+        // Lanes 1-4 wait behind fences for lane 0, each at its own mark and partway into a
+        // large frame; lane 0 waits behind a barrier for lane 5's first packet.
+        for lane in 1..=4 {
+            let mut fence = [0u64; LANES];
+            fence[0] = 3;
+            inbox.push(lane, Item::Barrier(Box::new(fence)));
+            inbox.bytes[lane] = LANE_READ_AHEAD;
+            inbox.partial[lane] = 600 * 1024;
+        }
+        let mut barrier = [0u64; LANES];
+        barrier[5] = 1;
+        inbox.push(0, Item::Barrier(Box::new(barrier)));
+        inbox.partial[5] = 100 * 1024;
+        inbox.partial[6] = 200 * 1024;
+        assert!(inbox.over_mark());
+        assert!(
+            inbox.may_read(5),
+            "the lane the barrier waits for must read on"
+        );
+        assert!(!inbox.may_read(6), "one lane at a time over the mark");
+        assert!((1..=4).all(|lane| !inbox.may_read(lane)));
+        // Once the barrier has what it counts, the furthest lane that can use more goes on.
+        inbox.delivered[5] = 1;
+        assert!(inbox.may_read(6) && !inbox.may_read(5));
     }
 
     #[test]

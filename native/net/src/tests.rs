@@ -934,6 +934,101 @@ fn downs_by_name_keep_their_place_among_their_process_s_other_signals() {
     assert_eq!(a_end.link.lanes_in_use(), trust_dist_proto::lanes::LANES);
 }
 
+/// Lanes held back by fences, each holding a full lane's read-ahead and part of a large
+/// frame, while lane 0 waits behind the barrier of a DOWN by name for a bulk lane that
+/// the receiving VM has not taken yet: the link's read-ahead is over its mark, and the bulk
+/// lane, which all of them wait for, must still be the one that reads on.
+#[test]
+fn lanes_waiting_behind_fences_do_not_keep_the_lane_they_wait_for_from_reading() {
+    use trust_dist_proto::control::answer;
+    use trust_dist_proto::etf::encode;
+    let (_nodes, a_end, b_end) = credit_limited_link(256 * 1024);
+    let bulk: Vec<Vec<u8>> = (0..20)
+        .map(|i| send_sender(100, &noise(i, 300 * 1024)))
+        .collect();
+    let down_by_name = answer::monitor_exit(
+        &encode::atom_term("registered"),
+        &encode::pid(B, 1, 0, 9),
+        &encode::reference(A, 7, &[1, 2, 3]),
+        "normal",
+    );
+    // Six processes: one packet each while the link is on lane 0 alone, then four large
+    // ones each on their own lanes, behind fences.
+    let later = |pid: u32, i: u64, len: usize| {
+        (pid, send_sender(pid, &noise(u64::from(pid) * 10 + i, len)))
+    };
+    let on_lane_0: Vec<(u32, Vec<u8>)> = (800..806).map(|pid| later(pid, 9, 300 * 1024)).collect();
+    let fenced: Vec<(u32, Vec<u8>)> = (0..4)
+        .flat_map(|i| (800..806).map(move |pid| later(pid, i, 900 * 1024)))
+        .collect();
+    let mut first: Vec<&[u8]> = bulk.iter().map(Vec::as_slice).collect();
+    first.push(&down_by_name);
+    first.extend(on_lane_0.iter().map(|(_, p)| p.as_slice()));
+    assert!(a_end.send(&first));
+    wait_for_quic_to_take_everything(&a_end);
+    // All of it is queued, busy or not (the link goes busy above 8 MiB).
+    let _ = a_end.send(&fenced.iter().map(|(_, p)| p.as_slice()).collect::<Vec<_>>());
+    assert_eq!(a_end.link.lanes_in_use(), trust_dist_proto::lanes::LANES);
+    // Let b's lanes fill up to their marks with nothing taken, then take everything.
+    let handed = handed_unacked(&b_end);
+    b_end.link.ack(handed.iter().map(Vec::len).sum::<usize>());
+    let rest = b_end.receive(first.len() + fenced.len() - handed.len());
+    let got: Vec<Vec<u8>> = handed.into_iter().chain(rest).collect();
+    let at = got.iter().position(|p| *p == down_by_name).unwrap();
+    assert!(got[..at].iter().eq(bulk.iter()), "the bulk, then the DOWN");
+    for pid in 800..806 {
+        let sent: Vec<&Vec<u8>> = on_lane_0
+            .iter()
+            .chain(&fenced)
+            .filter(|(from, _)| *from == pid)
+            .map(|(_, p)| p)
+            .collect();
+        let arrived: Vec<&Vec<u8>> = got[at + 1..].iter().filter(|p| sent.contains(p)).collect();
+        assert_eq!(
+            arrived, sent,
+            "pid {pid}'s packets, in order, after the DOWN"
+        );
+    }
+}
+
+/// A link back on lane 0 alone leaves it only once every lane has all of its data in
+/// QUIC: fences behind a lane whose data still waits for QUIC's window could hold that
+/// window while the barrier they wait for waits for that lane.
+#[test]
+fn a_link_stays_on_lane_0_while_another_lane_still_has_data_to_write() {
+    let (_nodes, a_end, b_end) = credit_limited_link(256 * 1024);
+    // More than a lane's QUIC window (8 MiB) and read-ahead, which b does not take.
+    let bulk: Vec<Vec<u8>> = (0..200)
+        .map(|i| send_sender(100, &noise(i, 64 * 1024)))
+        .collect();
+    let _ = a_end.send(&bulk.iter().map(Vec::as_slice).collect::<Vec<_>>());
+    let handed = handed_unacked(&b_end);
+    assert!(
+        a_end.link.queued_bytes() > 0,
+        "the bulk lane should still have data to write"
+    );
+    let without_sender = send_without_sender(b"late");
+    let keyed = send_sender(901, b"keyed");
+    let _ = a_end.send(&[&without_sender, &keyed]);
+    // Lane 0's writer has long written those two; the bulk lane's has not.
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = a_end.send(&[&send_sender(902, b"keyed, later batch")]);
+    assert_eq!(
+        a_end.link.lanes_in_use(),
+        1,
+        "left lane 0 with a lane still queued"
+    );
+    b_end.link.ack(handed.iter().map(Vec::len).sum::<usize>());
+    let rest = b_end.receive(bulk.len() + 3 - handed.len());
+    let got: Vec<Vec<u8>> = handed.into_iter().chain(rest).collect();
+    assert!(got[..bulk.len()].iter().eq(bulk.iter()), "the bulk first");
+    wait_for_quic_to_take_everything(&a_end);
+    let next = send_sender(903, b"lanes again");
+    assert!(a_end.send(&[&next]));
+    assert_eq!(b_end.receive(1), vec![next]);
+    assert_eq!(a_end.link.lanes_in_use(), trust_dist_proto::lanes::LANES);
+}
+
 /// Waits (a bounded time) until `end`'s link has written everything it was given into
 /// QUIC, which is when a link on lane 0 alone may take up its lanes again.
 fn wait_for_quic_to_take_everything(end: &End) {
@@ -1105,12 +1200,13 @@ fn busy_lanes_and_barriers_under_slow_acks_all_arrive_in_order() {
     let (a_end, b_end) = link_up(&a, &b, A, B);
     let b_end = Arc::new(b_end);
     // Per sender: its packets in order. "Sender" 0 is DOWNs for monitors set by
-    // registered name, which name no sender pid and go on lane 0 behind a barrier;
-    // senders 1..=24 write SEND_SENDER packets on their lanes.
+    // registered name, which name no sender pid and go on lane 0 behind a barrier, and
+    // put the link on lane 0 alone for a while; senders 1..=24 write SEND_SENDER packets
+    // on their lanes, behind fences after each such while.
     let mut by_sender: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 25];
     let mut all = Vec::new();
     for i in 0..3000usize {
-        let sender = i % 25;
+        let sender = if i % 150 == 75 { 0 } else { 1 + i % 24 };
         let packet = if sender == 0 {
             use trust_dist_proto::etf::encode;
             trust_dist_proto::control::answer::monitor_exit(
@@ -1159,6 +1255,11 @@ fn busy_lanes_and_barriers_under_slow_acks_all_arrive_in_order() {
         }
     }
     let got = receiver.join().unwrap();
+    // Each DOWN finds the link on its lanes again, unless the one before still holds it.
+    assert!(
+        a_end.link.reopenings() >= 2,
+        "the link did not leave lane 0 between DOWNs"
+    );
     for (sender, sent) in by_sender.iter().enumerate() {
         let arrived: Vec<&Vec<u8>> = got.iter().filter(|p| sent.contains(p)).collect();
         assert!(

@@ -20,8 +20,10 @@ use trust_dist_proto::{PublicKey, SecretKey};
 ///
 /// Version 2: packets travel on lanes (see `trust_dist_proto::lanes`). Version 3: lanes
 /// 1.. also carry barrier markers (fences behind packets that name no sender), which a
-/// version 2 node would take for a protocol error.
-pub const ALPN: &[u8] = b"trust-dist/3";
+/// version 2 node would take for a protocol error. Version 4: fences come after any
+/// packet that names no sender, not only in a link's opening, and a version 3 receiver
+/// could let the lanes behind them hold its read-ahead for good.
+pub const ALPN: &[u8] = b"trust-dist/4";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
