@@ -63,6 +63,9 @@ impl Default for Limits {
     }
 }
 
+/// How many stale insertions a [`Bounded`] may keep before it compacts, at the least.
+const BOUNDED_SLACK: usize = 1024;
+
 /// A map that forgets its least recently inserted entry when full. Inserting a key that
 /// is already present makes it the newest again: a pid handed to the peer over and over
 /// (a long-lived caller) must not be forgotten because it was first handed out long ago.
@@ -100,12 +103,19 @@ impl<K: Hash + Eq + Copy, V> Bounded<K, V> {
                 None => break,
             }
         }
-        // Stale elements (re-inserted or removed keys) linger in `order`; compact before
-        // they outnumber live ones, so `order` stays within twice the capacity.
-        if self.order.len() > 2 * self.cap {
+        // Stale elements (re-inserted or removed keys) linger in `order`; compact once
+        // they outnumber the live ones (each compaction at least halves `order`, so the
+        // cost per insertion stays constant), and give back what a burst left behind. A
+        // table whose entries come and go (a monitor per call) then stays as small as
+        // what is live in it, not its capacity.
+        if self.order.len() > 2 * self.map.len().max(BOUNDED_SLACK) {
             let map = &self.map;
             self.order
                 .retain(|(k, stamp)| map.get(k).is_some_and(|(_, s)| s == stamp));
+            if self.order.capacity() > 4 * self.order.len().max(BOUNDED_SLACK) {
+                self.order
+                    .shrink_to(2 * self.order.len().max(BOUNDED_SLACK));
+            }
         }
     }
 
@@ -118,7 +128,12 @@ impl<K: Hash + Eq + Copy, V> Bounded<K, V> {
     }
 
     fn remove(&mut self, key: &K) -> Option<V> {
-        self.map.remove(key).map(|(v, _)| v)
+        let removed = self.map.remove(key).map(|(v, _)| v);
+        // After a burst, the map keeps the room it grew to; give most of it back.
+        if self.map.capacity() > 8 * self.map.len().max(BOUNDED_SLACK) {
+            self.map.shrink_to(2 * self.map.len().max(BOUNDED_SLACK));
+        }
+        removed
     }
 
     fn len(&self) -> usize {
@@ -2222,11 +2237,47 @@ mod tests {
             assert_eq!(delivered(&d), granted, "pid {id}");
         }
         // Re-grants leave stale entries in `order`; they are compacted away.
-        for _ in 0..100 {
+        for _ in 0..5000 {
             grant(&mut f, 1);
         }
-        assert!(f.granted_pids.order.len() <= 8);
+        assert!(f.granted_pids.order.len() <= 2 * BOUNDED_SLACK + 1);
         assert_eq!(f.granted_pids.len(), 4);
+    }
+
+    #[test]
+    fn a_table_whose_entries_come_and_go_stays_as_small_as_what_is_live() {
+        // A monitor set and dropped on every call: nothing stays, and neither may the
+        // room it took, at a capacity far above what is ever live.
+        let mut table: Bounded<u64, ()> = Bounded::new(65_536);
+        for key in 0..400_000u64 {
+            table.insert(key, ());
+            table.remove(&key);
+        }
+        assert_eq!(table.len(), 0);
+        assert!(
+            table.order.capacity() <= 4 * BOUNDED_SLACK,
+            "{}",
+            table.order.capacity()
+        );
+        // A burst of 50,000 live at once, then all gone: the room is given back.
+        for key in 0..50_000u64 {
+            table.insert(key, ());
+        }
+        for key in 0..50_000u64 {
+            table.remove(&key);
+        }
+        table.insert(1, ());
+        assert!(
+            table.map.capacity() <= 4 * BOUNDED_SLACK,
+            "{}",
+            table.map.capacity()
+        );
+        assert!(
+            table.order.capacity() <= 4 * BOUNDED_SLACK,
+            "{}",
+            table.order.capacity()
+        );
+        assert!(table.contains(&1));
     }
 
     #[test]
