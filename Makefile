@@ -64,6 +64,11 @@ faults: faults-check build
 	cargo build --release --quiet -p trust_dist_wire
 	MIX_ENV=test mix test --only faults test/faults_test.exs
 
+# Where a ping's time goes beside a bulk transfer: on its own link, on another node pair's,
+# with the busy threads' CPU and run-queue waits (CONTENTION_CARRIER=inet_tcp to compare).
+contention: build
+	MIX_ENV=test mix test --only contention test/contention_test.exs
+
 # Before building: root, network namespaces and veth, or a clear message.
 faults-check:
 	@scripts/faults-net.sh check

@@ -3,4 +3,4 @@
 System.cmd("epmd", ["-daemon"])
 # The fault-injection suite needs root and network namespaces: `make faults` runs it alone
 # (mix test --only faults).
-ExUnit.start(timeout: 300_000, exclude: [:faults])
+ExUnit.start(timeout: 300_000, exclude: [:faults, :contention])
