@@ -7,7 +7,7 @@ export MIX_HOME ?= $(CURDIR)/_build/mix_home
 export HEX_OFFLINE := 1
 
 .PHONY: all deps build test test-rust test-elixir test-matrix matrix-chroots demo bench \
-        fmt lint clean fuzz releases faults faults-check soak
+        fmt lint clean fuzz releases faults faults-check soak contention
 
 all: build
 
