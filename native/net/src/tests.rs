@@ -839,6 +839,21 @@ fn handed_unacked(b_end: &End) -> Vec<Vec<u8>> {
     handed
 }
 
+/// All `total` packets b is handed: first what comes within [`QUIET`] with nothing acked,
+/// of which none may be `held_back` (else `why`), then the rest, acking as they come.
+fn receive_holding_back(
+    b_end: &End,
+    total: usize,
+    held_back: impl Fn(&Vec<u8>) -> bool,
+    why: &str,
+) -> Vec<Vec<u8>> {
+    let handed = handed_unacked(b_end);
+    assert!(!handed.iter().any(held_back), "{why}");
+    b_end.link.ack(handed.iter().map(Vec::len).sum::<usize>());
+    let rest = b_end.receive(total - handed.len());
+    handed.into_iter().chain(rest).collect()
+}
+
 /// Lanes: one process's bulk transfer, held back by the receiving VM (no acks), does not
 /// hold back other processes' packets on the same link.
 #[test]
@@ -910,14 +925,12 @@ fn downs_by_name_keep_their_place_among_their_process_s_other_signals() {
     assert!(a_end.send(&all));
     assert_eq!(a_end.link.lanes_in_use(), 1, "on lane 0 alone after it");
     assert_eq!(a_end.link.reopenings(), 1);
-    let handed = handed_unacked(&b_end);
-    assert!(
-        !handed.iter().any(|p| ending.contains(p)),
-        "a DOWN overtook bulk messages sent before it"
+    let got = receive_holding_back(
+        &b_end,
+        all.len(),
+        |p| ending.contains(p),
+        "a DOWN overtook bulk messages sent before it",
     );
-    b_end.link.ack(handed.iter().map(Vec::len).sum::<usize>());
-    let rest = b_end.receive(all.len() - handed.len());
-    let got: Vec<Vec<u8>> = handed.into_iter().chain(rest).collect();
     let last_bulk = got.iter().rposition(|p| bulk.contains(p)).unwrap();
     let at: Vec<usize> = ending
         .iter()
@@ -970,10 +983,7 @@ fn lanes_waiting_behind_fences_do_not_keep_the_lane_they_wait_for_from_reading()
     let _ = a_end.send(&fenced.iter().map(|(_, p)| p.as_slice()).collect::<Vec<_>>());
     assert_eq!(a_end.link.lanes_in_use(), trust_dist_proto::lanes::LANES);
     // Let b's lanes fill up to their marks with nothing taken, then take everything.
-    let handed = handed_unacked(&b_end);
-    b_end.link.ack(handed.iter().map(Vec::len).sum::<usize>());
-    let rest = b_end.receive(first.len() + fenced.len() - handed.len());
-    let got: Vec<Vec<u8>> = handed.into_iter().chain(rest).collect();
+    let got = receive_holding_back(&b_end, first.len() + fenced.len(), |_| false, "");
     let at = got.iter().position(|p| *p == down_by_name).unwrap();
     assert!(got[..at].iter().eq(bulk.iter()), "the bulk, then the DOWN");
     for pid in 800..806 {
@@ -1054,14 +1064,12 @@ fn sends_without_a_sender_are_not_overtaken_by_later_packets_on_other_lanes() {
         .collect();
     let all: Vec<&[u8]> = early.iter().chain(&later).map(Vec::as_slice).collect();
     assert!(a_end.send(&all));
-    let handed = handed_unacked(&b_end);
-    assert!(
-        !handed.iter().any(|p| later.contains(p)),
-        "a later SEND_SENDER overtook a SEND sent before it"
+    let got = receive_holding_back(
+        &b_end,
+        all.len(),
+        |p| later.contains(p),
+        "a later SEND_SENDER overtook a SEND sent before it",
     );
-    b_end.link.ack(handed.iter().map(Vec::len).sum::<usize>());
-    let rest = b_end.receive(all.len() - handed.len());
-    let got: Vec<Vec<u8>> = handed.into_iter().chain(rest).collect();
     assert!(
         got.iter().map(Vec::as_slice).eq(all.iter().copied()),
         "out of order"
@@ -1096,16 +1104,12 @@ fn a_packet_without_a_sender_after_lanes_were_used_keeps_everyone_in_order() {
     wait_for_quic_to_take_everything(&a_end);
     assert!(a_end.send(&after.iter().map(Vec::as_slice).collect::<Vec<_>>()));
     assert_eq!(a_end.link.lanes_in_use(), trust_dist_proto::lanes::LANES);
-    let handed = handed_unacked(&b_end);
-    assert!(
-        !handed
-            .iter()
-            .any(|p| during.contains(p) || after.contains(p) || *p == without_sender),
-        "a packet overtook the bulk sent before it"
+    let got = receive_holding_back(
+        &b_end,
+        first.len() + after.len(),
+        |p| during.contains(p) || after.contains(p) || *p == without_sender,
+        "a packet overtook the bulk sent before it",
     );
-    b_end.link.ack(handed.iter().map(Vec::len).sum::<usize>());
-    let rest = b_end.receive(first.len() + after.len() - handed.len());
-    let got: Vec<Vec<u8>> = handed.into_iter().chain(rest).collect();
     // The bulk, then the packet without a sender, then the later ones, each sender's in
     // order.
     let at = got.iter().position(|p| *p == without_sender).unwrap();
