@@ -900,8 +900,9 @@ fn a_sender_held_back_by_credit_does_not_hold_back_others() {
 /// A signal that names no sending pid (here a DOWN for a monitor set by registered name)
 /// travels behind a barrier: it is never handed up before anything sent before it, on
 /// any lane. Nor after what its process sends next: a process that ends sends its DOWNs
-/// by name and by pid interleaved (on OTP 25: link exits first, then its monitors in the
-/// order of their references), so the packets after it wait for it too, and the link
+/// by name and by pid interleaved (on OTP 25: its link exits first, then its DOWNs, in an
+/// order of the VM's own, not the monitors'), so the packets after it wait for it too,
+/// and the link
 /// takes up its lanes again afterwards.
 #[test]
 fn downs_by_name_keep_their_place_among_their_process_s_other_signals() {
