@@ -276,9 +276,8 @@ struct Inbox {
     partial: [usize; LANES],
     /// Items taken from each lane so far (packets, refused or not, and discarded frames).
     delivered: [u64; LANES],
-    /// Items each lane holds that count in its order (all but barriers): with
-    /// `delivered`, what the peer has sent on the lane so far.
-    counted: [u64; LANES],
+    /// Items that count in each lane's order (all but barriers) received so far.
+    received: [u64; LANES],
     /// Lanes whose stream the peer has opened, and those whose stream has ended.
     opened: [bool; LANES],
     ended: [bool; LANES],
@@ -297,7 +296,7 @@ impl Default for Inbox {
             bytes: [0; LANES],
             partial: [0; LANES],
             delivered: [0; LANES],
-            counted: [0; LANES],
+            received: [0; LANES],
             opened: [false; LANES],
             ended: [false; LANES],
             ticks_opened: false,
@@ -311,7 +310,7 @@ impl Inbox {
     fn push(&mut self, lane: usize, item: Item) {
         self.bytes[lane] += item.held_bytes();
         if !matches!(item, Item::Barrier(_)) {
-            self.counted[lane] += 1;
+            self.received[lane] += 1;
         }
         self.lanes[lane].push_back(item);
     }
@@ -319,9 +318,6 @@ impl Inbox {
     fn pop(&mut self, lane: usize) -> Option<Item> {
         let item = self.lanes[lane].pop_front()?;
         self.bytes[lane] -= item.held_bytes();
-        if !matches!(item, Item::Barrier(_)) {
-            self.counted[lane] -= 1;
-        }
         Some(item)
     }
 
@@ -331,7 +327,7 @@ impl Inbox {
     /// hold the lane back for good, so it ends the link, saying why.
     fn push_marker(&mut self, lane: usize, counts: [u64; LANES]) -> Result<(), String> {
         if lane == 0 {
-            let before = self.delivered[0] + self.counted[0];
+            let before = self.received[0];
             if counts[0] != before {
                 return Err(format!(
                     "barrier marker on lane 0 counts {} packets before it on lane 0, not {before}",
