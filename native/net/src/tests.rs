@@ -822,9 +822,25 @@ fn link_to_b_with(b_settings: Settings) -> ((Node, Node), End, End) {
 /// Forty 64 KiB messages from one process of a: 2.5 MiB, ten times the credit the lane
 /// tests give b.
 fn bulk_from(pid: u32) -> Vec<Vec<u8>> {
-    (0..40)
-        .map(|i| send_sender(pid, &noise(i, 64 * 1024)))
+    bulk_of(pid, 40, 64 * 1024)
+}
+
+/// `count` messages of `len` bytes from one process of a.
+fn bulk_of(pid: u32, count: u64, len: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| send_sender(pid, &noise(i, len)))
         .collect()
+}
+
+/// A DOWN for a monitor a watcher on b set by registered name: it names no sending pid.
+fn down_by_name(reference: &[u32]) -> Vec<u8> {
+    use trust_dist_proto::etf::encode;
+    trust_dist_proto::control::answer::monitor_exit(
+        &encode::atom_term("registered"),
+        &encode::pid(B, 1, 0, 9),
+        &encode::reference(A, 7, reference),
+        "normal",
+    )
 }
 
 /// Everything b is handed within [`QUIET`], without acking.
@@ -902,8 +918,7 @@ fn a_sender_held_back_by_credit_does_not_hold_back_others() {
 /// any lane. Nor after what its process sends next: a process that ends sends its DOWNs
 /// by name and by pid interleaved (on OTP 25: its link exits first, then its DOWNs, in an
 /// order of the VM's own, not the monitors'), so the packets after it wait for it too,
-/// and the link
-/// takes up its lanes again afterwards.
+/// and the link takes up its lanes again afterwards.
 #[test]
 fn downs_by_name_keep_their_place_among_their_process_s_other_signals() {
     use trust_dist_proto::control::answer;
@@ -915,11 +930,9 @@ fn downs_by_name_keep_their_place_among_their_process_s_other_signals() {
     // watcher: the pids' lanes cannot all be lane 0 or the bulk's.
     let mut ending: Vec<Vec<u8>> = Vec::new();
     for process in 700..704u32 {
-        let by_name = encode::reference(A, 7, &[process, 1, 1]);
         let by_pid = encode::reference(A, 7, &[process, 2, 2]);
-        let name = encode::atom_term("registered");
         let pid = encode::pid(A, process, 0, 7);
-        ending.push(answer::monitor_exit(&name, &watcher, &by_name, "normal"));
+        ending.push(down_by_name(&[process, 1, 1]));
         ending.push(answer::monitor_exit(&pid, &watcher, &by_pid, "normal"));
     }
     let all: Vec<&[u8]> = bulk.iter().chain(&ending).map(Vec::as_slice).collect();
@@ -954,18 +967,9 @@ fn downs_by_name_keep_their_place_among_their_process_s_other_signals() {
 /// lane, which all of them wait for, must still be the one that reads on.
 #[test]
 fn lanes_waiting_behind_fences_do_not_keep_the_lane_they_wait_for_from_reading() {
-    use trust_dist_proto::control::answer;
-    use trust_dist_proto::etf::encode;
     let (_nodes, a_end, b_end) = credit_limited_link(256 * 1024);
-    let bulk: Vec<Vec<u8>> = (0..20)
-        .map(|i| send_sender(100, &noise(i, 300 * 1024)))
-        .collect();
-    let down_by_name = answer::monitor_exit(
-        &encode::atom_term("registered"),
-        &encode::pid(B, 1, 0, 9),
-        &encode::reference(A, 7, &[1, 2, 3]),
-        "normal",
-    );
+    let bulk = bulk_of(100, 20, 300 * 1024);
+    let down_by_name = down_by_name(&[1, 2, 3]);
     // Six processes: one packet each while the link is on lane 0 alone, then four large
     // ones each on their own lanes, behind fences.
     let later = |pid: u32, i: u64, len: usize| {
@@ -1009,9 +1013,7 @@ fn lanes_waiting_behind_fences_do_not_keep_the_lane_they_wait_for_from_reading()
 fn a_link_stays_on_lane_0_while_another_lane_still_has_data_to_write() {
     let (_nodes, a_end, b_end) = credit_limited_link(256 * 1024);
     // More than a lane's QUIC window (8 MiB) and read-ahead, which b does not take.
-    let bulk: Vec<Vec<u8>> = (0..200)
-        .map(|i| send_sender(100, &noise(i, 64 * 1024)))
-        .collect();
+    let bulk = bulk_of(100, 200, 64 * 1024);
     let _ = a_end.send(&bulk.iter().map(Vec::as_slice).collect::<Vec<_>>());
     let handed = handed_unacked(&b_end);
     assert!(
@@ -1213,13 +1215,7 @@ fn busy_lanes_and_barriers_under_slow_acks_all_arrive_in_order() {
     for i in 0..3000usize {
         let sender = if i % 150 == 75 { 0 } else { 1 + i % 24 };
         let packet = if sender == 0 {
-            use trust_dist_proto::etf::encode;
-            trust_dist_proto::control::answer::monitor_exit(
-                &encode::atom_term("registered"),
-                &encode::pid(B, 1, 0, 9),
-                &encode::reference(A, 7, &[i as u32, 2, 3]),
-                "normal",
-            )
+            down_by_name(&[i as u32, 2, 3])
         } else {
             send_sender(
                 1000 + sender as u32,
