@@ -88,24 +88,20 @@ impl<K: Hash + Eq + Copy, V> Bounded<K, V> {
     }
 
     fn insert(&mut self, key: K, value: V) {
-        // Room first, so that the map never holds more than its capacity, not even for a
-        // moment: one entry more can double a table's allocation.
-        if !self.map.contains_key(&key) {
-            while self.map.len() >= self.cap {
-                match self.order.pop_front() {
-                    Some((old, stamp)) => {
-                        if self.map.get(&old).is_some_and(|(_, s)| *s == stamp) {
-                            self.map.remove(&old);
-                        }
-                    }
-                    None => break,
-                }
-            }
-        }
         let stamp = self.next;
         self.next += 1;
         self.map.insert(key, (value, stamp));
         self.order.push_back((key, stamp));
+        while self.map.len() > self.cap {
+            match self.order.pop_front() {
+                Some((old, stamp)) => {
+                    if self.map.get(&old).is_some_and(|(_, s)| *s == stamp) {
+                        self.map.remove(&old);
+                    }
+                }
+                None => break,
+            }
+        }
         // Stale elements (re-inserted or removed keys) linger in `order`; compact once
         // they outnumber the live ones (each compaction at least halves `order`, so the
         // cost per insertion stays constant), and give back what a burst left behind. A
