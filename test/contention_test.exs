@@ -35,12 +35,12 @@ defmodule TrustDist.ContentionTest do
     before = Enum.map([pa, pb], &threads/1)
     beside = C.call(pa, :trust_dist_contention, :pings, [b, @ms], 60_000)
     after_ = Enum.map([pa, pb], &threads/1)
-    C.call(pa, :trust_dist_contention, :stop, [bulk])
+    bulk_rate = C.call(pa, :trust_dist_contention, :stop, [bulk])
     Process.sleep(1_000)
     other = C.call(pc, :trust_dist_contention, :bulk, [d, 1_048_576])
     Process.sleep(500)
     elsewhere = C.call(pa, :trust_dist_contention, :pings, [b, @ms], 60_000)
-    C.call(pc, :trust_dist_contention, :stop, [other])
+    other_rate = C.call(pc, :trust_dist_contention, :stop, [other])
 
     IO.puts("\n#{carrier}: ping round trip (µs)    n       p50       p99       max")
 
@@ -54,6 +54,11 @@ defmodule TrustDist.ContentionTest do
           Enum.map_join([r.n, r.p50_us, r.p99_us, r.max_us], &String.pad_leading("#{&1}", 10))
       )
     end
+
+    IO.puts(
+      "#{carrier}: bulk MB/s on the ping's link #{round_rate(bulk_rate)}, " <>
+        "between C and D #{round_rate(other_rate)}"
+    )
 
     IO.puts("#{carrier}: threads busy during the bulk on the ping's link (#{@ms} ms)")
 
@@ -69,6 +74,9 @@ defmodule TrustDist.ContentionTest do
 
     assert idle.n > 0 and beside.n > 0 and elsewhere.n > 0
   end
+
+  defp round_rate(rate) when is_number(rate), do: round(rate)
+  defp round_rate(other), do: inspect(other)
 
   defp start("inet_tcp", names, _dir) do
     peers =

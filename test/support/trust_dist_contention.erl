@@ -34,12 +34,22 @@ round_trip(Echo) ->
     receive pong -> erlang:monotonic_time(microsecond) - T0 end.
 
 %% Streams Size-byte binaries to a sink on Remote as fast as the link takes them, until
-%% stop/1. Returns the sender's pid.
+%% stop/1, which returns what the sink received, in MB/s.
 bulk(Remote, Size) ->
-    Sink = spawn(Remote, fun Sink() -> receive stop -> ok; _ -> Sink() end end),
+    Sink = spawn(Remote, fun() -> sink(erlang:monotonic_time(microsecond), 0) end),
     Bin = crypto:strong_rand_bytes(Size),
-    spawn(fun Send() -> Sink ! Bin, Send() end).
+    {spawn(fun Send() -> Sink ! Bin, Send() end), Sink}.
 
-stop(Bulk) ->
-    exit(Bulk, kill),
-    ok.
+sink(Started, Bytes) ->
+    receive
+        {stop, From} ->
+            Elapsed = max(1, erlang:monotonic_time(microsecond) - Started),
+            From ! {received, Bytes / Elapsed};
+        Bin ->
+            sink(Started, Bytes + byte_size(Bin))
+    end.
+
+stop({Sender, Sink}) ->
+    exit(Sender, kill),
+    Sink ! {stop, self()},
+    receive {received, MBps} -> MBps after 10000 -> timeout end.

@@ -10,6 +10,7 @@
 //! [`LinkEvents`] and [`Acceptor`] traits, implemented by the NIF.
 #![forbid(unsafe_code)]
 
+mod congestion;
 mod frames;
 mod link;
 pub mod reference;
@@ -567,7 +568,7 @@ fn transport_config(settings: &Settings, role: Role) -> quinn::TransportConfig {
     // lost packet: under 1 % random loss at 50 ms RTT, CUBIC falls to the loss formula's
     // ~0.4 MB/s and holds a bulk transfer's queue for seconds, BBR moves ~50 MB/s with
     // pings at about the bare RTT (`make bench`, loss rows).
-    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    t.congestion_controller_factory(Arc::new(congestion::DelayBoundedConfig::default()));
     // The RTT assumed before the first sample sets how often an unanswered handshake is
     // retried (about three times it, doubling). QUIC's 333 ms default means a node that
     // dials a peer while it is down (as `global` does at nodedown) reaches it only about

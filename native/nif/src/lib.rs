@@ -97,6 +97,10 @@ impl PacketBuffer for VmPacket {
     }
 }
 
+/// Packets smaller than this are worth a yield of the I/O thread (see `packets`): a
+/// message, a reply or a signal someone may be waiting for, not a bulk transfer's data.
+const WAITED_FOR_PACKET: usize = 4096;
+
 /// A received packet as a term: the VM binary it was read into, or a copy of packets the
 /// transport built itself (a filter's rewrite).
 fn packet_binary(env: Env<'_>, packet: Packet) -> Option<Term<'_>> {
@@ -142,6 +146,7 @@ impl LinkEvents for BeamEvents {
         let Some(pid) = self.input() else {
             return false;
         };
+        let waited_for = packets.iter().any(|p| p.bytes().len() < WAITED_FOR_PACKET);
         let mut env = OwnedEnv::new();
         let mut allocated = true;
         let sent = env.send_and_clear(&pid, |env| {
@@ -164,7 +169,12 @@ impl LinkEvents for BeamEvents {
         // core up here lets it run now: under a 1 MiB bulk transfer on the same link, the
         // median ping round trip fell from 1.9-6.3 ms to 0.34-0.48 ms (`make
         // contention`, three runs each); without contention the call returns at once.
-        std::thread::yield_now();
+        // Only for a batch with a packet someone may be waiting for: each yield also keeps
+        // this thread, and the acknowledgements it sends, off the core, and a bulk
+        // transfer's window (`congestion.rs`) waits for those.
+        if waited_for {
+            std::thread::yield_now();
+        }
         sent.is_ok() && allocated
     }
 
