@@ -20,10 +20,11 @@
 //! [`MIN_CAP`] is the floor, and on loopback (or any path whose round trip is shorter than
 //! the hosts' own scheduling) it is the window: a trade of bulk throughput for the latency
 //! of everything else on the link. On the 2-core development machine, `make bench` with
-//! 64 KiB: ping p99 beside a 1 MiB bulk transfer 0.77-1.06 ms (was 3.3-21 ms unbounded),
-//! 1 MiB throughput 381-630 MB/s (was 740-870 MB/s); 128 KiB and 256 KiB in flight put
-//! the ping's p99 at 1.2-1.5 and 1.5-5.9 ms. On a path with a real round trip the
-//! bandwidth-delay product is larger than the floor and sets the cap.
+//! 64 KiB: ping p99 beside a 1 MiB bulk transfer 0.72-0.99 ms in 9 of 12 runs and
+//! 1.06-1.57 ms in the rest (3.3-21 ms unbounded), 1 MiB throughput 381-630 MB/s (about
+//! 740-870 MB/s unbounded); 128 KiB and 256 KiB in flight put the ping's p99 at 1.2-1.4
+//! and 1.5-5.9 ms. On a path with a real round trip the bandwidth-delay product is
+//! larger than the floor and sets the cap.
 use std::any::Any;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
