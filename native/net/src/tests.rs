@@ -680,6 +680,38 @@ fn large_packets_arrive_intact() {
     assert_eq!(got_sums, sums);
 }
 
+/// The congestion window stays near what the path needs during a bulk transfer (see
+/// `congestion.rs`): quinn's own BBR let it grow to gigabytes on loopback, and megabytes
+/// of one lane then queued ahead of every other lane's packets.
+#[test]
+fn a_bulk_transfer_keeps_the_window_near_what_loopback_needs() {
+    let (a, b) = two_nodes(settings(), settings());
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    // 48 MiB from one process: long enough for an unbounded window to run away.
+    let packets = bulk_of(3, 192, 256 * 1024);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (got, widest) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut widest = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                widest = widest.max(a_end.link.quic_stats().path.cwnd);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            widest
+        });
+        let receiver = s.spawn(|| b_end.receive(packets.len()));
+        a_end.send_all(&packets, 4);
+        let got = receiver.join().unwrap();
+        done.store(true, Ordering::Relaxed);
+        (got, sampler.join().unwrap())
+    });
+    assert_eq!(got.len(), packets.len());
+    assert!(
+        widest <= 4 * 1024 * 1024,
+        "the congestion window reached {widest} bytes on loopback"
+    );
+}
+
 /// The receive credit holds back a receiver that does not ack, the QUIC windows then fill,
 /// and the sender is told busy; once acks resume, everything arrives and `writable` fires.
 #[test]
