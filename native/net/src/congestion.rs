@@ -10,12 +10,16 @@
 //!
 //! [`DelayBounded`] caps BBR's window at twice the bandwidth-delay product it measures
 //! itself: acknowledged bytes over intervals of at least a round trip (and at least
-//! [`MIN_RATE_INTERVAL`]), the highest of the last [`RATE_WINDOW`], times the lowest round
-//! trip of the last [`MIN_RTT_WINDOW`]. That is BBR's own target window, measured so that
-//! batching cannot inflate it. Like BBR it ignores loss. Where a standing queue builds, the
-//! measured rate falls behind the window and the cap shrinks with it; where the path has
-//! room, each interval's sample raises it, doubling per interval while the round trip
-//! stays near its minimum.
+//! [`MIN_RATE_INTERVAL`]), the highest over [`RATE_WINDOW`] of samples, times the lowest
+//! round trip over [`MIN_RTT_WINDOW`] of samples (estimates age only as new samples come,
+//! so an idle link starts its next burst from what it measured). That is BBR's own
+//! target window, measured so that batching cannot inflate it, and like BBR it ignores
+//! loss. A flow's own queue stays within about one bandwidth-delay product; where the
+//! path has room, each interval's sample raises the cap, doubling per interval while the
+//! round trip stays near its minimum. There is no probing above the cap: if a path's
+//! round trip grows to more than twice its minimum (a new route, a queue of other
+//! traffic), the cap shrinks towards the floor until the old minimum ages out, within
+//! [`MIN_RTT_WINDOW`] of samples.
 //!
 //! [`MIN_CAP`] is the floor, and on loopback (or any path whose round trip is shorter than
 //! the hosts' own scheduling) it is the window: a trade of bulk throughput for the latency
@@ -37,11 +41,12 @@ pub(crate) const MIN_CAP: u64 = 64 * 1024;
 /// A delivery-rate sample spans at least this, so that bursts of acknowledgements (a
 /// receiver that runs once per scheduler slice) average out.
 const MIN_RATE_INTERVAL: Duration = Duration::from_millis(1);
-/// How long the highest rate sample counts: long enough to outlast an idle or
-/// application-limited spell, and a few of a busy host's scheduling hiccups.
+/// Over how much time of samples the highest rate counts: long enough to outlast a few
+/// of a busy host's scheduling hiccups (samples taken while the sender had too little to
+/// send count only when they raise it).
 const RATE_WINDOW: Duration = Duration::from_secs(2);
-/// How long the lowest round trip counts, as BBR's own: a path that got slower (a
-/// migration, a new route) is believed within this.
+/// Over how much time of samples the lowest round trip counts, as BBR's own: a path
+/// that got slower (a migration, a new route) is believed within this.
 const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
 /// BBR's window gain: room for one round trip of acknowledgements still on their way.
 const CAP_GAIN: u64 = 2;
@@ -54,10 +59,9 @@ pub(crate) struct DelayBoundedConfig {
 
 impl ControllerFactory for DelayBoundedConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(DelayBounded {
-            bbr: self.bbr.clone().build(now, current_mtu),
-            bound: WindowBound::new(),
-        })
+        let bbr = self.bbr.clone().build(now, current_mtu);
+        let bound = WindowBound::new(bbr.initial_window());
+        Box::new(DelayBounded { bbr, bound })
     }
 }
 
@@ -152,21 +156,22 @@ pub(crate) struct WindowBound {
 }
 
 impl WindowBound {
-    pub(crate) fn new() -> Self {
+    /// `initial` is the cap until the first measurement: the controller's own initial
+    /// window, so that a connection starts as BBR alone would.
+    pub(crate) fn new(initial: u64) -> Self {
         WindowBound {
             interval: None,
             rate: Windowed::new(RATE_WINDOW, Ord::max),
             rtt: Windowed::new(MIN_RTT_WINDOW, Ord::min),
-            cap: MIN_CAP,
+            cap: initial.max(MIN_CAP),
         }
     }
 
     /// A packet sent at `sent` was acknowledged at `now`.
     pub(crate) fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64) {
         self.rtt.record(now, now.saturating_duration_since(sent));
-        match &mut self.interval {
-            Some((_, acked)) => *acked = acked.saturating_add(bytes),
-            None => self.interval = Some((now, 0)),
+        if let Some((_, acked)) = &mut self.interval {
+            *acked = acked.saturating_add(bytes);
         }
     }
 
@@ -174,28 +179,28 @@ impl WindowBound {
     /// a round trip. A sample taken while the sender had nothing to send counts only if
     /// it raises the estimate.
     pub(crate) fn on_end_acks(&mut self, now: Instant, app_limited: bool) {
+        // The first interval starts after the first batch, whose bytes were sent before
+        // any interval could time them.
         let Some((start, acked)) = self.interval else {
+            self.interval = Some((now, 0));
             return;
         };
         let elapsed = now.saturating_duration_since(start);
-        if elapsed < MIN_RATE_INTERVAL.max(self.rtt.get(now).unwrap_or_default()) {
+        if elapsed < MIN_RATE_INTERVAL.max(self.rtt.get().unwrap_or_default()) {
             return;
         }
         self.interval = Some((now, 0));
         let rate = u64::try_from(u128::from(acked) * 1_000_000_000 / elapsed.as_nanos())
             .unwrap_or(u64::MAX);
-        if !app_limited || self.rate.get(now).is_none_or(|max| rate > max) {
+        if !app_limited || self.rate.get().is_none_or(|max| rate > max) {
             self.rate.record(now, rate);
         }
-        self.cap = match (self.rate.get(now), self.rtt.get(now)) {
-            (Some(rate), Some(rtt)) => {
-                let bdp = u128::from(rate) * rtt.as_nanos() / 1_000_000_000;
-                u64::try_from(bdp * u128::from(CAP_GAIN))
-                    .unwrap_or(u64::MAX)
-                    .max(MIN_CAP)
-            }
-            _ => MIN_CAP,
-        };
+        if let (Some(rate), Some(rtt)) = (self.rate.get(), self.rtt.get()) {
+            let bdp = u128::from(rate) * rtt.as_nanos() / 1_000_000_000;
+            self.cap = u64::try_from(bdp * u128::from(CAP_GAIN))
+                .unwrap_or(u64::MAX)
+                .max(MIN_CAP);
+        }
     }
 
     /// The most the window may be: [`CAP_GAIN`] times the bandwidth-delay product, and
@@ -206,8 +211,10 @@ impl WindowBound {
 }
 
 /// The extreme (least or greatest) of samples over a sliding window, kept as two halves
-/// so that memory stays fixed: it reports samples up to a window old, and at least those
-/// of the last half window.
+/// so that memory stays fixed. Samples age only as newer ones come: a half is dropped
+/// once two newer halves have started, so the extreme covers at least the last half
+/// window of samples and at most the last whole one, however long the link was idle
+/// in between (as BBR's filters, which count round trips, outlast an idle spell).
 #[derive(Clone, Debug)]
 struct Windowed<T> {
     window: Duration,
@@ -215,8 +222,8 @@ struct Windowed<T> {
     pick: fn(T, T) -> T,
     /// When the current half started, and its extreme.
     current: Option<(Instant, T)>,
-    /// The same for the half before it.
-    previous: Option<(Instant, T)>,
+    /// The extreme of the half before it.
+    previous: Option<T>,
 }
 
 impl<T: Copy> Windowed<T> {
@@ -237,21 +244,17 @@ impl<T: Copy> Windowed<T> {
                 Some((started, (self.pick)(extreme, sample)))
             }
             ended => {
-                self.previous = ended;
+                self.previous = ended.map(|(_, extreme)| extreme);
                 Some((now, sample))
             }
         };
     }
 
-    /// The extreme of the samples of the last window; `None` if there are none.
-    fn get(&self, now: Instant) -> Option<T> {
-        let live = |half: Option<(Instant, T)>| {
-            half.filter(|&(started, _)| now.saturating_duration_since(started) < self.window)
-                .map(|(_, extreme)| extreme)
-        };
-        match (live(self.current), live(self.previous)) {
-            (Some(current), Some(previous)) => Some((self.pick)(current, previous)),
-            (current, previous) => current.or(previous),
+    /// The extreme of the samples it covers; `None` before the first.
+    fn get(&self) -> Option<T> {
+        match (self.current, self.previous) {
+            (Some((_, current)), Some(previous)) => Some((self.pick)(current, previous)),
+            (current, previous) => current.map(|(_, extreme)| extreme).or(previous),
         }
     }
 }
@@ -303,13 +306,8 @@ mod tests {
     }
 
     #[test]
-    fn with_nothing_measured_the_cap_is_the_floor() {
-        assert_eq!(WindowBound::new().cap(), MIN_CAP);
-    }
-
-    #[test]
     fn the_cap_is_twice_the_measured_bandwidth_delay_product() {
-        let mut bound = WindowBound::new();
+        let mut bound = WindowBound::new(MIN_CAP);
         let t0 = Instant::now();
         let rtt = Duration::from_millis(50);
         // 10 MB/s acknowledged over 50 ms intervals, each packet after 50 ms.
@@ -325,7 +323,7 @@ mod tests {
 
     #[test]
     fn an_application_limited_sample_does_not_lower_the_estimate() {
-        let mut bound = WindowBound::new();
+        let mut bound = WindowBound::new(MIN_CAP);
         let t0 = Instant::now();
         let rtt = Duration::from_millis(10);
         let mut now = t0;
@@ -345,7 +343,7 @@ mod tests {
 
     #[test]
     fn a_rate_older_than_its_window_no_longer_counts() {
-        let mut bound = WindowBound::new();
+        let mut bound = WindowBound::new(MIN_CAP);
         let t0 = Instant::now();
         let rtt = Duration::from_millis(10);
         let mut now = t0;
@@ -370,28 +368,44 @@ mod tests {
     );
 
     #[test]
-    fn after_a_silence_longer_than_the_window_old_rates_are_forgotten() {
-        let mut bound = WindowBound::new();
+    fn an_idle_spell_keeps_the_estimate_until_newer_samples_replace_it() {
+        let mut bound = WindowBound::new(MIN_CAP);
         let rtt = Duration::from_millis(10);
         let mut now = Instant::now();
+        let sample = |now: Instant, bytes: u64, bound: &mut WindowBound| {
+            bound.on_ack(now, now - rtt, bytes);
+            bound.on_end_acks(now, false);
+        };
         for _ in 0..10 {
             now += rtt;
-            bound.on_ack(now, now - rtt, 1_000_000);
-            bound.on_end_acks(now, false);
+            sample(now, 1_000_000, &mut bound);
         }
         let fast = bound.cap();
-        now += RATE_WINDOW * 2;
+        // A minute without traffic, then a burst at a hundredth of the rate: the burst
+        // starts from what was measured before.
+        now += Duration::from_secs(60);
         for _ in 0..3 {
             now += rtt;
-            bound.on_ack(now, now - rtt, 10_000);
-            bound.on_end_acks(now, false);
+            sample(now, 10_000, &mut bound);
+        }
+        assert_eq!(bound.cap(), fast);
+        // A whole window of the slower rate replaces it.
+        for _ in 0..(RATE_WINDOW.as_millis() / 10 + 1) {
+            now += rtt;
+            sample(now, 10_000, &mut bound);
         }
         assert!(bound.cap() < fast / 10, "{} against {fast}", bound.cap());
     }
 
     #[test]
+    fn the_cap_starts_at_the_controller_s_initial_window() {
+        assert_eq!(WindowBound::new(240_000).cap(), 240_000);
+        assert_eq!(WindowBound::new(1_000).cap(), MIN_CAP);
+    }
+
+    #[test]
     fn the_cap_grows_from_the_floor_to_a_wide_path_s_product() {
-        let mut bound = WindowBound::new();
+        let mut bound = WindowBound::new(MIN_CAP);
         // 100 MB/s at 50 ms: 5 MB fill the path.
         drive(&mut bound, Instant::now(), WIDE, Duration::from_secs(3));
         assert_near(bound.cap(), 2 * 5_000_000);
@@ -399,7 +413,7 @@ mod tests {
 
     #[test]
     fn when_the_path_slows_the_cap_follows_within_the_rate_window() {
-        let mut bound = WindowBound::new();
+        let mut bound = WindowBound::new(MIN_CAP);
         let now = drive(&mut bound, Instant::now(), WIDE, Duration::from_secs(3));
         let slower = (WIDE.0, 10_000_000, WIDE.2);
         drive(
@@ -413,7 +427,7 @@ mod tests {
 
     #[test]
     fn a_path_faster_than_its_round_trip_needs_stays_at_the_floor() {
-        let mut bound = WindowBound::new();
+        let mut bound = WindowBound::new(MIN_CAP);
         // 1 GB/s at 20 µs, acknowledged every 10 µs: 30 KB fill the path.
         let loopback = (
             Duration::from_micros(20),

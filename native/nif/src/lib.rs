@@ -97,8 +97,9 @@ impl PacketBuffer for VmPacket {
     }
 }
 
-/// Packets smaller than this are worth a yield of the I/O thread (see `packets`): a
-/// message, a reply or a signal someone may be waiting for, not a bulk transfer's data.
+/// A batch with a packet smaller than this is worth a yield of the I/O thread (see
+/// `packets`): a message, a reply or a signal someone may be waiting for. Batches of
+/// large messages alone do not yield; a bulk transfer of small messages still does.
 const WAITED_FOR_PACKET: usize = 4096;
 
 /// A received packet as a term: the VM binary it was read into, or a copy of packets the
