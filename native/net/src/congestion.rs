@@ -298,6 +298,22 @@ mod tests {
         now
     }
 
+    /// `rounds` batches one `rtt` apart, each acknowledging `bytes` sent one `rtt`
+    /// before; returns the time of the last.
+    fn steady(
+        bound: &mut WindowBound,
+        mut now: Instant,
+        (rtt, bytes, rounds): (Duration, u64, u64),
+        app_limited: bool,
+    ) -> Instant {
+        for _ in 0..rounds {
+            now += rtt;
+            bound.on_ack(now, now - rtt, bytes);
+            bound.on_end_acks(now, app_limited);
+        }
+        now
+    }
+
     fn assert_near(cap: u64, expected: u64) {
         assert!(
             cap * 10 >= expected * 9 && cap * 10 <= expected * 11,
@@ -308,15 +324,9 @@ mod tests {
     #[test]
     fn the_cap_is_twice_the_measured_bandwidth_delay_product() {
         let mut bound = WindowBound::new(MIN_CAP);
-        let t0 = Instant::now();
-        let rtt = Duration::from_millis(50);
         // 10 MB/s acknowledged over 50 ms intervals, each packet after 50 ms.
-        let mut now = t0;
-        for _ in 0..20 {
-            now += rtt;
-            bound.on_ack(now, now - rtt, 500_000);
-            bound.on_end_acks(now, false);
-        }
+        let rtt = Duration::from_millis(50);
+        steady(&mut bound, Instant::now(), (rtt, 500_000, 20), false);
         let cap = bound.cap();
         assert!((950_000..=1_050_000).contains(&cap), "cap {cap}");
     }
@@ -324,40 +334,20 @@ mod tests {
     #[test]
     fn an_application_limited_sample_does_not_lower_the_estimate() {
         let mut bound = WindowBound::new(MIN_CAP);
-        let t0 = Instant::now();
         let rtt = Duration::from_millis(10);
-        let mut now = t0;
-        for _ in 0..10 {
-            now += rtt;
-            bound.on_ack(now, now - rtt, 100_000);
-            bound.on_end_acks(now, false);
-        }
+        let now = steady(&mut bound, Instant::now(), (rtt, 100_000, 10), false);
         let busy = bound.cap();
-        for _ in 0..10 {
-            now += rtt;
-            bound.on_ack(now, now - rtt, 1_000);
-            bound.on_end_acks(now, true);
-        }
+        steady(&mut bound, now, (rtt, 1_000, 10), true);
         assert_eq!(bound.cap(), busy);
     }
 
     #[test]
     fn a_rate_older_than_its_window_no_longer_counts() {
         let mut bound = WindowBound::new(MIN_CAP);
-        let t0 = Instant::now();
         let rtt = Duration::from_millis(10);
-        let mut now = t0;
-        for _ in 0..10 {
-            now += rtt;
-            bound.on_ack(now, now - rtt, 1_000_000);
-            bound.on_end_acks(now, false);
-        }
+        let now = steady(&mut bound, Instant::now(), (rtt, 1_000_000, 10), false);
         let fast = bound.cap();
-        for _ in 0..300 {
-            now += rtt;
-            bound.on_ack(now, now - rtt, 10_000);
-            bound.on_end_acks(now, false);
-        }
+        steady(&mut bound, now, (rtt, 10_000, 300), false);
         assert!(bound.cap() < fast / 10, "{} against {fast}", bound.cap());
     }
 
@@ -371,29 +361,16 @@ mod tests {
     fn an_idle_spell_keeps_the_estimate_until_newer_samples_replace_it() {
         let mut bound = WindowBound::new(MIN_CAP);
         let rtt = Duration::from_millis(10);
-        let mut now = Instant::now();
-        let sample = |now: Instant, bytes: u64, bound: &mut WindowBound| {
-            bound.on_ack(now, now - rtt, bytes);
-            bound.on_end_acks(now, false);
-        };
-        for _ in 0..10 {
-            now += rtt;
-            sample(now, 1_000_000, &mut bound);
-        }
+        let now = steady(&mut bound, Instant::now(), (rtt, 1_000_000, 10), false);
         let fast = bound.cap();
         // A minute without traffic, then a burst at a hundredth of the rate: the burst
         // starts from what was measured before.
-        now += Duration::from_secs(60);
-        for _ in 0..3 {
-            now += rtt;
-            sample(now, 10_000, &mut bound);
-        }
+        let later = now + Duration::from_secs(60);
+        let now = steady(&mut bound, later, (rtt, 10_000, 3), false);
         assert_eq!(bound.cap(), fast);
         // A whole window of the slower rate replaces it.
-        for _ in 0..(RATE_WINDOW.as_millis() / 10 + 1) {
-            now += rtt;
-            sample(now, 10_000, &mut bound);
-        }
+        let rounds = RATE_WINDOW.as_millis() as u64 / 10 + 1;
+        steady(&mut bound, now, (rtt, 10_000, rounds), false);
         assert!(bound.cap() < fast / 10, "{} against {fast}", bound.cap());
     }
 
