@@ -21,23 +21,40 @@
 //! traffic), the cap shrinks towards the floor until the old minimum ages out, within
 //! [`MIN_RTT_WINDOW`] of samples.
 //!
-//! [`MIN_CAP`] is the floor, and on loopback (or any path whose round trip is shorter than
-//! the hosts' own scheduling) it is the window: a trade of bulk throughput for the latency
-//! of everything else on the link. On the 2-core development machine, `make bench` with
-//! 64 KiB: ping p99 beside a 1 MiB bulk transfer 0.70-0.99 ms in 10 of 14 runs and
-//! 1.02-1.57 ms in the rest (3.3-21 ms unbounded, in the runs before), 1 MiB throughput
-//! 381-630 MB/s (869 MB/s unbounded in the last run before); 128 KiB and 256 KiB in
-//! flight put the ping's p99 at 1.2-1.4 and 1.5-5.9 ms. On a path with a real round trip the bandwidth-delay product is
-//! larger than the floor and sets the cap.
+//! The cap has a floor, and on loopback (or any path whose round trip is shorter than
+//! the hosts' own scheduling) the floor is the window. Which floor depends on whether the
+//! link's lanes share it ([`LaneSharing`]):
+//!
+//! - While two lanes take turns ([`SHARED_MIN_CAP`], 64 KiB), a ping on one waits behind
+//!   at most that much of a bulk transfer on another. On the 2-core development machine,
+//!   `make bench`: ping p99 beside a 1 MiB bulk transfer 0.70-0.99 ms in 10 of 14 runs and
+//!   1.02-1.57 ms in the rest (3.3-21 ms unbounded); 256 KiB and 512 KiB put it at
+//!   3.4-5.4 and 3.9-11 ms.
+//! - While one lane has the link to itself ([`ALONE_MIN_CAP`], 512 KiB), nothing waits
+//!   behind its queue but its own later data, so it may keep more in flight: 1 MiB
+//!   messages 865-885 MB/s against 536-739 MB/s at 64 KiB (`bench/run.sh`, trust and raw
+//!   quinn only, one full and two quick runs each). The first packet of another lane
+//!   then waits behind at most this much, and from it on the link counts as shared for
+//!   [`SHARED_FOR`].
+//!
+//! On a path with a real round trip the bandwidth-delay product is larger than either
+//! floor and sets the cap.
 use std::any::Any;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quinn::congestion::{BbrConfig, Controller, ControllerFactory, ControllerMetrics};
 use quinn_proto::RttEstimator;
 
-/// The smallest cap (see the module's documentation for what it costs and buys).
-const MIN_CAP: u64 = 64 * 1024;
+/// The smallest cap while the link's lanes share it, and while one lane has it to
+/// itself (see the module's documentation for what each costs and buys).
+pub(crate) const SHARED_MIN_CAP: u64 = 64 * 1024;
+pub(crate) const ALONE_MIN_CAP: u64 = 512 * 1024;
+/// How long after data last went out on a lane other than the one before the link
+/// counts as shared: a request/reply pattern of other processes (a `gen_server:call`
+/// every few tens of ms beside a transfer) keeps it so.
+const SHARED_FOR: Duration = Duration::from_millis(100);
 /// A delivery-rate sample spans at least this, so that bursts of acknowledgements (a
 /// receiver that runs once per scheduler slice) average out.
 const MIN_RATE_INTERVAL: Duration = Duration::from_millis(1);
@@ -51,28 +68,101 @@ const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
 /// BBR's window gain: room for one round trip of acknowledgements still on their way.
 const CAP_GAIN: u64 = 2;
 
-/// Builds a [`DelayBounded`] BBR per connection.
-#[derive(Default)]
+/// Whether a connection's lanes share it: its writers report each write, its congestion
+/// controller asks. One per connection; lock-free, as both run per packet or batch.
+#[derive(Debug)]
+pub(crate) struct LaneSharing {
+    epoch: Instant,
+    /// The lane written last (`usize::MAX` before the first write).
+    last_lane: AtomicUsize,
+    /// Until when (ns since `epoch`) the link counts as shared.
+    shared_until: AtomicU64,
+}
+
+impl LaneSharing {
+    pub(crate) fn new() -> Self {
+        LaneSharing {
+            epoch: Instant::now(),
+            last_lane: AtomicUsize::new(usize::MAX),
+            shared_until: AtomicU64::new(0),
+        }
+    }
+
+    /// Data went out on `lane` at `now`. A write on another lane than the last (the
+    /// first write included: a link starts as shared) makes the link shared for
+    /// [`SHARED_FOR`].
+    pub(crate) fn wrote(&self, lane: usize, now: Instant) {
+        if self.last_lane.swap(lane, Ordering::Relaxed) != lane {
+            let until = self.since_epoch(now).saturating_add(nanos(SHARED_FOR));
+            self.shared_until.store(until, Ordering::Relaxed);
+        }
+    }
+
+    fn shared_at(&self, now: Instant) -> bool {
+        self.since_epoch(now) < self.shared_until.load(Ordering::Relaxed)
+    }
+
+    fn since_epoch(&self, now: Instant) -> u64 {
+        nanos(now.saturating_duration_since(self.epoch))
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Builds a [`DelayBounded`] BBR for one connection (quinn builds one per path).
 pub(crate) struct DelayBoundedConfig {
     bbr: Arc<BbrConfig>,
+    sharing: Arc<LaneSharing>,
+}
+
+impl DelayBoundedConfig {
+    pub(crate) fn new(sharing: Arc<LaneSharing>) -> Self {
+        DelayBoundedConfig {
+            bbr: Arc::default(),
+            sharing,
+        }
+    }
 }
 
 impl ControllerFactory for DelayBoundedConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
         let bbr = self.bbr.clone().build(now, current_mtu);
         let bound = WindowBound::new(bbr.initial_window());
-        Box::new(DelayBounded { bbr, bound })
+        Box::new(DelayBounded {
+            bbr,
+            bound,
+            sharing: self.sharing.clone(),
+            shared: true,
+        })
     }
 }
 
-/// BBR with its window capped by [`WindowBound`].
+/// BBR with its window capped by [`WindowBound`], over the floor that [`LaneSharing`]
+/// says applies.
 struct DelayBounded {
     bbr: Box<dyn Controller>,
     bound: WindowBound,
+    sharing: Arc<LaneSharing>,
+    /// Whether the link was shared as of the last packet sent or batch acknowledged
+    /// (`window` is not told the time).
+    shared: bool,
+}
+
+impl DelayBounded {
+    fn floor(&self) -> u64 {
+        if self.shared {
+            SHARED_MIN_CAP
+        } else {
+            ALONE_MIN_CAP
+        }
+    }
 }
 
 impl Controller for DelayBounded {
     fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
+        self.shared = self.sharing.shared_at(now);
         self.bbr.on_sent(now, bytes, last_packet_number);
     }
 
@@ -95,6 +185,7 @@ impl Controller for DelayBounded {
         app_limited: bool,
         largest_packet_num_acked: Option<u64>,
     ) {
+        self.shared = self.sharing.shared_at(now);
         self.bound.on_end_acks(now, app_limited);
         self.bbr
             .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
@@ -116,7 +207,7 @@ impl Controller for DelayBounded {
     }
 
     fn window(&self) -> u64 {
-        self.bbr.window().min(self.bound.cap())
+        self.bbr.window().min(self.bound.cap(self.floor()))
     }
 
     fn metrics(&self) -> ControllerMetrics {
@@ -129,6 +220,8 @@ impl Controller for DelayBounded {
         Box::new(DelayBounded {
             bbr: self.bbr.clone_box(),
             bound: self.bound.clone(),
+            sharing: self.sharing.clone(),
+            shared: self.shared,
         })
     }
 
@@ -151,7 +244,7 @@ struct WindowBound {
     rate: Windowed<u64>,
     /// Lowest round trip of the last [`MIN_RTT_WINDOW`].
     rtt: Windowed<Duration>,
-    /// The cap as of the last batch of acknowledgements.
+    /// The cap as of the last batch of acknowledgements, before the floor.
     cap: u64,
 }
 
@@ -163,7 +256,7 @@ impl WindowBound {
             interval: None,
             rate: Windowed::new(RATE_WINDOW, Ord::max),
             rtt: Windowed::new(MIN_RTT_WINDOW, Ord::min),
-            cap: initial.max(MIN_CAP),
+            cap: initial,
         }
     }
 
@@ -197,16 +290,14 @@ impl WindowBound {
         }
         if let (Some(rate), Some(rtt)) = (self.rate.get(), self.rtt.get()) {
             let bdp = u128::from(rate) * rtt.as_nanos() / 1_000_000_000;
-            self.cap = u64::try_from(bdp * u128::from(CAP_GAIN))
-                .unwrap_or(u64::MAX)
-                .max(MIN_CAP);
+            self.cap = u64::try_from(bdp * u128::from(CAP_GAIN)).unwrap_or(u64::MAX);
         }
     }
 
     /// The most the window may be: [`CAP_GAIN`] times the bandwidth-delay product, and
-    /// at least [`MIN_CAP`].
-    fn cap(&self) -> u64 {
-        self.cap
+    /// at least `floor`.
+    fn cap(&self, floor: u64) -> u64 {
+        self.cap.max(floor)
     }
 }
 
@@ -280,7 +371,7 @@ mod tests {
         let mut unacked: VecDeque<(Instant, Instant)> = VecDeque::new();
         let mut bottleneck_free = now;
         while now < end {
-            while (unacked.len() as u64 + 1) * PACKET <= bound.cap() {
+            while (unacked.len() as u64 + 1) * PACKET <= bound.cap(SHARED_MIN_CAP) {
                 bottleneck_free = bottleneck_free.max(now) + per_packet;
                 unacked.push_back((bottleneck_free + rtt, now));
             }
@@ -323,34 +414,38 @@ mod tests {
 
     #[test]
     fn the_cap_is_twice_the_measured_bandwidth_delay_product() {
-        let mut bound = WindowBound::new(MIN_CAP);
+        let mut bound = WindowBound::new(SHARED_MIN_CAP);
         // 10 MB/s acknowledged over 50 ms intervals, each packet after 50 ms.
         let rtt = Duration::from_millis(50);
         steady(&mut bound, Instant::now(), (rtt, 500_000, 20), false);
-        let cap = bound.cap();
+        let cap = bound.cap(SHARED_MIN_CAP);
         assert!((950_000..=1_050_000).contains(&cap), "cap {cap}");
     }
 
     #[test]
     fn an_application_limited_sample_does_not_lower_the_estimate() {
-        let mut bound = WindowBound::new(MIN_CAP);
+        let mut bound = WindowBound::new(SHARED_MIN_CAP);
         let rtt = Duration::from_millis(10);
         let now = steady(&mut bound, Instant::now(), (rtt, 100_000, 10), false);
-        let busy = bound.cap();
+        let busy = bound.cap(SHARED_MIN_CAP);
         // Longer than the rate's window: recorded, these would replace the busy rate.
         let rounds = RATE_WINDOW.as_millis() as u64 / 10 + 10;
         steady(&mut bound, now, (rtt, 1_000, rounds), true);
-        assert_eq!(bound.cap(), busy);
+        assert_eq!(bound.cap(SHARED_MIN_CAP), busy);
     }
 
     #[test]
     fn a_rate_older_than_its_window_no_longer_counts() {
-        let mut bound = WindowBound::new(MIN_CAP);
+        let mut bound = WindowBound::new(SHARED_MIN_CAP);
         let rtt = Duration::from_millis(10);
         let now = steady(&mut bound, Instant::now(), (rtt, 1_000_000, 10), false);
-        let fast = bound.cap();
+        let fast = bound.cap(SHARED_MIN_CAP);
         steady(&mut bound, now, (rtt, 10_000, 300), false);
-        assert!(bound.cap() < fast / 10, "{} against {fast}", bound.cap());
+        assert!(
+            bound.cap(SHARED_MIN_CAP) < fast / 10,
+            "{} against {fast}",
+            bound.cap(SHARED_MIN_CAP)
+        );
     }
 
     const WIDE: (Duration, u64, Duration) = (
@@ -361,38 +456,42 @@ mod tests {
 
     #[test]
     fn an_idle_spell_keeps_the_estimate_until_newer_samples_replace_it() {
-        let mut bound = WindowBound::new(MIN_CAP);
+        let mut bound = WindowBound::new(SHARED_MIN_CAP);
         let rtt = Duration::from_millis(10);
         let now = steady(&mut bound, Instant::now(), (rtt, 1_000_000, 10), false);
-        let fast = bound.cap();
+        let fast = bound.cap(SHARED_MIN_CAP);
         // A minute without traffic, then a burst at a hundredth of the rate: the burst
         // starts from what was measured before.
         let later = now + Duration::from_secs(60);
         let now = steady(&mut bound, later, (rtt, 10_000, 3), false);
-        assert_eq!(bound.cap(), fast);
+        assert_eq!(bound.cap(SHARED_MIN_CAP), fast);
         // A whole window of the slower rate replaces it.
         let rounds = RATE_WINDOW.as_millis() as u64 / 10 + 1;
         steady(&mut bound, now, (rtt, 10_000, rounds), false);
-        assert!(bound.cap() < fast / 10, "{} against {fast}", bound.cap());
+        assert!(
+            bound.cap(SHARED_MIN_CAP) < fast / 10,
+            "{} against {fast}",
+            bound.cap(SHARED_MIN_CAP)
+        );
     }
 
     #[test]
     fn the_cap_starts_at_the_controller_s_initial_window() {
-        assert_eq!(WindowBound::new(240_000).cap(), 240_000);
-        assert_eq!(WindowBound::new(1_000).cap(), MIN_CAP);
+        assert_eq!(WindowBound::new(240_000).cap(SHARED_MIN_CAP), 240_000);
+        assert_eq!(WindowBound::new(1_000).cap(SHARED_MIN_CAP), SHARED_MIN_CAP);
     }
 
     #[test]
     fn the_cap_grows_from_the_floor_to_a_wide_path_s_product() {
-        let mut bound = WindowBound::new(MIN_CAP);
+        let mut bound = WindowBound::new(SHARED_MIN_CAP);
         // 100 MB/s at 50 ms: 5 MB fill the path.
         drive(&mut bound, Instant::now(), WIDE, Duration::from_secs(3));
-        assert_near(bound.cap(), 2 * 5_000_000);
+        assert_near(bound.cap(SHARED_MIN_CAP), 2 * 5_000_000);
     }
 
     #[test]
     fn when_the_path_slows_the_cap_follows_within_the_rate_window() {
-        let mut bound = WindowBound::new(MIN_CAP);
+        let mut bound = WindowBound::new(SHARED_MIN_CAP);
         let now = drive(&mut bound, Instant::now(), WIDE, Duration::from_secs(3));
         let slower = (WIDE.0, 10_000_000, WIDE.2);
         drive(
@@ -401,12 +500,12 @@ mod tests {
             slower,
             RATE_WINDOW + Duration::from_secs(1),
         );
-        assert_near(bound.cap(), 2 * 500_000);
+        assert_near(bound.cap(SHARED_MIN_CAP), 2 * 500_000);
     }
 
     #[test]
     fn a_path_faster_than_its_round_trip_needs_stays_at_the_floor() {
-        let mut bound = WindowBound::new(MIN_CAP);
+        let mut bound = WindowBound::new(SHARED_MIN_CAP);
         // 1 GB/s at 20 µs, acknowledged every 10 µs: 30 KB fill the path.
         let loopback = (
             Duration::from_micros(20),
@@ -414,6 +513,47 @@ mod tests {
             Duration::from_micros(10),
         );
         drive(&mut bound, Instant::now(), loopback, Duration::from_secs(1));
-        assert_eq!(bound.cap(), MIN_CAP);
+        assert_eq!(bound.cap(SHARED_MIN_CAP), SHARED_MIN_CAP);
+    }
+
+    #[test]
+    fn a_link_is_shared_from_a_write_on_another_lane_until_that_is_as_old_as_shared_for() {
+        let sharing = LaneSharing::new();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert!(!sharing.shared_at(t0), "shared before any write");
+        // The first write counts as a change of lane: a link starts shared.
+        sharing.wrote(3, t0);
+        assert!(sharing.shared_at(t0 + SHARED_FOR - ms(1)));
+        // More on the same lane does not extend it.
+        sharing.wrote(3, t0 + ms(50));
+        assert!(!sharing.shared_at(t0 + SHARED_FOR));
+        // Another lane does, and so does the first lane's next write after it.
+        sharing.wrote(7, t0 + ms(200));
+        sharing.wrote(3, t0 + ms(250));
+        assert!(sharing.shared_at(t0 + ms(250) + SHARED_FOR - ms(1)));
+        assert!(!sharing.shared_at(t0 + ms(250) + SHARED_FOR));
+    }
+
+    #[test]
+    fn the_window_is_held_to_the_narrow_floor_while_the_link_is_shared() {
+        let sharing = Arc::new(LaneSharing::new());
+        let t0 = Instant::now();
+        // Nothing measured yet (a bound of 0), so the floor alone caps BBR's window.
+        let mut controller = DelayBounded {
+            bbr: Arc::new(BbrConfig::default()).build(t0, 1200),
+            bound: WindowBound::new(0),
+            sharing: sharing.clone(),
+            shared: true,
+        };
+        let bbr_window = controller.bbr.window();
+        assert!((SHARED_MIN_CAP + 1..ALONE_MIN_CAP).contains(&bbr_window));
+        controller.on_sent(t0, 1200, 1);
+        assert_eq!(controller.window(), bbr_window);
+        sharing.wrote(1, t0);
+        controller.on_sent(t0, 1200, 2);
+        assert_eq!(controller.window(), SHARED_MIN_CAP);
+        controller.on_end_acks(t0 + SHARED_FOR, 0, false, None);
+        assert_eq!(controller.window(), bbr_window);
     }
 }

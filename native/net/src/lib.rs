@@ -148,6 +148,8 @@ pub(crate) struct CarrierShared {
     pub(crate) identity: NodeIdentity,
     pub(crate) settings: Settings,
     pub(crate) log: Arc<dyn Log>,
+    /// TLS and transport settings for outgoing and incoming connections. Each
+    /// connection gets a copy with its own transport config (`connection_configs`).
     client_config: quinn::ClientConfig,
     server_config: quinn::ServerConfig,
     refusals: std::sync::Mutex<RefusalLimit>,
@@ -158,6 +160,27 @@ pub(crate) struct CarrierShared {
 }
 
 impl CarrierShared {
+    /// The configs for one new connection: the carrier's, with a transport config whose
+    /// congestion controller sees which lanes this connection's writers use.
+    pub(crate) fn connection_configs(
+        &self,
+        sharing: Arc<congestion::LaneSharing>,
+    ) -> (quinn::ClientConfig, Arc<quinn::ServerConfig>) {
+        let mut client = self.client_config.clone();
+        client.transport_config(Arc::new(transport_config(
+            &self.settings,
+            Role::Client,
+            sharing.clone(),
+        )));
+        let mut server = self.server_config.clone();
+        server.transport_config(Arc::new(transport_config(
+            &self.settings,
+            Role::Server,
+            sharing,
+        )));
+        (client, Arc::new(server))
+    }
+
     /// Logs a refused connection, at most [`REFUSALS_PER_WINDOW`] per
     /// [`REFUSAL_WINDOW`]: a flood of bad connection attempts must not become a flood of
     /// log lines. How many were not logged is said when logging resumes.
@@ -319,10 +342,15 @@ impl Carrier {
             .map_err(StartError::Runtime)?;
         let mut server =
             quinn::ServerConfig::with_crypto(Arc::new(tls::server_config(&identity.secret)?));
-        server.transport_config(Arc::new(transport_config(&settings, Role::Server)));
+        // Connections are accepted with a config of their own (`connection_configs`);
+        // this one only lets the endpoint take connection attempts.
+        server.transport_config(Arc::new(transport_config(
+            &settings,
+            Role::Server,
+            Arc::new(congestion::LaneSharing::new()),
+        )));
         server.migration(false);
-        let mut client = quinn::ClientConfig::new(Arc::new(tls::client_config(&identity.secret)?));
-        client.transport_config(Arc::new(transport_config(&settings, Role::Client)));
+        let client = quinn::ClientConfig::new(Arc::new(tls::client_config(&identity.secret)?));
 
         let (socket, report) = bind_socket(bind, settings.socket_buffer)
             .map_err(|error| StartError::Bind { addr: bind, error })?;
@@ -440,12 +468,10 @@ impl Carrier {
     ) {
         let endpoint = self.endpoint.clone();
         let shared = self.shared.clone();
-        let config = self.shared.client_config.clone();
         match self.handle() {
             Some(handle) => {
                 handle.spawn(async move {
-                    let result =
-                        link::connect(shared, endpoint, config, addr, expected_node, events).await;
+                    let result = link::connect(shared, endpoint, addr, expected_node, events).await;
                     done(result);
                 });
             }
@@ -550,7 +576,11 @@ const MAX_ACK_DELAY: Duration = Duration::from_millis(2);
 /// Identity exchanges that may run at once on the accepting side.
 const MAX_PENDING_ACCEPTS: usize = 64;
 
-fn transport_config(settings: &Settings, role: Role) -> quinn::TransportConfig {
+fn transport_config(
+    settings: &Settings,
+    role: Role,
+    sharing: Arc<congestion::LaneSharing>,
+) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // The streams a peer may open: the client opens the one bidirectional stream (lane
     // 0), and each side one unidirectional tick stream and one per further lane.
@@ -570,8 +600,9 @@ fn transport_config(settings: &Settings, role: Role) -> quinn::TransportConfig {
     // lost packet: under 1 % random loss at 50 ms RTT, CUBIC falls to the loss formula's
     // ~0.4 MB/s and holds a bulk transfer's queue for seconds, BBR moves ~50 MB/s with
     // pings at about the bare RTT (`make bench`, loss rows). Its window is capped at what
-    // the path's delay needs (`congestion.rs`).
-    t.congestion_controller_factory(Arc::new(congestion::DelayBoundedConfig::default()));
+    // the path's delay needs, over a floor set by whether the connection's lanes share
+    // it (`congestion.rs`).
+    t.congestion_controller_factory(Arc::new(congestion::DelayBoundedConfig::new(sharing)));
     // Ask the peer to acknowledge within 2 ms rather than QUIC's 25 ms (the ACK frequency
     // extension, which both ends of a link support). Where one direction carries only a
     // reply now and then, as a ping's way back beside a bulk transfer does, a lost reply

@@ -10,6 +10,7 @@
 //! it writes one byte per tick, so liveness never waits behind bulk data. Every
 //! unidirectional stream starts with one byte that says which it is.
 
+use crate::congestion::LaneSharing;
 use crate::frames::{Frames, Piece};
 use crate::{tls, unix_now, Acceptor, CarrierShared};
 use bytes::Bytes;
@@ -456,6 +457,8 @@ enum ReaderCommand {
 pub(crate) struct Shared {
     carrier: Arc<CarrierShared>,
     connection: quinn::Connection,
+    /// Which lanes the writers use, for the connection's congestion controller.
+    sharing: Arc<LaneSharing>,
     peer: PeerInfo,
     events: Arc<dyn LinkEvents>,
     stats: LinkStats,
@@ -909,10 +912,16 @@ pub(crate) async fn accept<A: Acceptor>(
 ) {
     let from = incoming.remote_address();
     let timeout = carrier.settings.handshake_timeout;
+    let sharing = Arc::new(LaneSharing::new());
+    let (_, server_config) = carrier.connection_configs(sharing.clone());
     let result = tokio::time::timeout(timeout, async {
+        // TLS may fail as the connection is accepted or later in its handshake.
+        let handshake_failed = |e| (None, format!("QUIC/TLS handshake failed: {e}"));
         let connection = incoming
+            .accept_with(server_config)
+            .map_err(handshake_failed)?
             .await
-            .map_err(|e| (None, format!("QUIC/TLS handshake failed: {e}")))?;
+            .map_err(handshake_failed)?;
         let fail = |c: &quinn::Connection, why: String| (Some(c.clone()), why);
         let (mut send, mut recv) = connection
             .accept_bi()
@@ -978,7 +987,7 @@ pub(crate) async fn accept<A: Acceptor>(
             let events = acceptor.new_events();
             let link = spawn_link(
                 carrier,
-                connection,
+                (connection, sharing),
                 peer,
                 events.clone(),
                 send,
@@ -1015,12 +1024,13 @@ fn open_receive_window(connection: &quinn::Connection, mode: LinkMode) {
 pub(crate) async fn connect(
     carrier: Arc<CarrierShared>,
     endpoint: quinn::Endpoint,
-    config: quinn::ClientConfig,
     addr: SocketAddr,
     expected_node: String,
     events: Arc<dyn LinkEvents>,
 ) -> Result<Link, String> {
     let timeout = carrier.settings.handshake_timeout;
+    let sharing = Arc::new(LaneSharing::new());
+    let (config, _) = carrier.connection_configs(sharing.clone());
     let attempt = async {
         let connecting = endpoint
             .connect_with(config, addr, "trust-dist")
@@ -1064,7 +1074,15 @@ pub(crate) async fn connect(
         Ok(Ok((connection, send, recv, decoder, pending, guard, peer))) => {
             open_receive_window(&connection, peer.mode);
             Ok(spawn_link(
-                carrier, connection, peer, events, send, recv, decoder, pending, guard,
+                carrier,
+                (connection, sharing),
+                peer,
+                events,
+                send,
+                recv,
+                decoder,
+                pending,
+                guard,
             ))
         }
         Ok(Err((connection, why))) => {
@@ -1082,7 +1100,7 @@ pub(crate) async fn connect(
 #[allow(clippy::too_many_arguments)]
 fn spawn_link(
     carrier: Arc<CarrierShared>,
-    connection: quinn::Connection,
+    (connection, sharing): (quinn::Connection, Arc<LaneSharing>),
     peer: PeerInfo,
     events: Arc<dyn LinkEvents>,
     send: quinn::SendStream,
@@ -1097,6 +1115,7 @@ fn spawn_link(
         writers: writer_txs.iter().map(|w| w.downgrade()).collect(),
         carrier,
         connection: connection.clone(),
+        sharing,
         peer,
         events,
         stats: LinkStats::default(),
@@ -1479,6 +1498,7 @@ async fn writer(
         }
         batch.clear();
         if len > 0 {
+            shared.sharing.wrote(lane, std::time::Instant::now());
             shared
                 .stats
                 .bytes_out

@@ -7,6 +7,7 @@
 //! `make bench` prints this as its "raw quinn" column: what the transport can do on this
 //! machine, the ceiling the carrier's own figures are read against.
 
+use crate::congestion::LaneSharing;
 use crate::{bind_socket, tls, transport_config, Role, Settings, RECEIVE_WINDOW};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,7 +75,11 @@ fn side(settings: &Settings, server: bool) -> Result<Side, String> {
     let server_config = if server {
         let crypto = tls::server_config(&secret).map_err(|e| e.to_string())?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(Arc::new(transport_config(settings, Role::Server)));
+        config.transport_config(Arc::new(transport_config(
+            settings,
+            Role::Server,
+            Arc::new(LaneSharing::new()),
+        )));
         Some(config)
     } else {
         None
@@ -94,7 +99,11 @@ fn side(settings: &Settings, server: bool) -> Result<Side, String> {
     } else {
         let crypto = tls::client_config(&secret).map_err(|e| e.to_string())?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(Arc::new(transport_config(settings, Role::Client)));
+        config.transport_config(Arc::new(transport_config(
+            settings,
+            Role::Client,
+            Arc::new(LaneSharing::new()),
+        )));
         Some(config)
     };
     Ok(Side {
