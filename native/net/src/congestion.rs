@@ -25,16 +25,18 @@
 //! the hosts' own scheduling) the floor is the window. Which floor depends on whether the
 //! link's lanes share it ([`LaneSharing`]):
 //!
-//! - While two lanes take turns ([`SHARED_MIN_CAP`], 64 KiB), a ping on one waits behind
+//! - While two lanes take turns, [`SHARED_MIN_CAP`] (64 KiB): a ping on one waits behind
 //!   at most that much of a bulk transfer on another. On the 2-core development machine,
 //!   `make bench`: ping p99 beside a 1 MiB bulk transfer 0.70-0.99 ms in 10 of 14 runs and
-//!   1.02-1.57 ms in the rest (3.3-21 ms unbounded); 256 KiB and 512 KiB put it at
-//!   3.4-5.4 and 3.9-11 ms.
-//! - While one lane has the link to itself ([`ALONE_MIN_CAP`], 512 KiB), nothing waits
-//!   behind its queue but its own later data, so it may keep more in flight: 1 MiB
-//!   messages 865-885 MB/s against 536-739 MB/s at 64 KiB (`bench/run.sh`, trust and raw
-//!   quinn only, one full and two quick runs each). The first packet of another lane
-//!   then waits behind at most this much, and from it on the link counts as shared for
+//!   1.02-1.57 ms in the rest (3.3-21 ms unbounded); with 128, 256 or 512 KiB in flight
+//!   instead, 1.2-1.4, 1.5-5.9 and 3.9-11 ms.
+//! - While one lane has the link to itself, nothing waits behind its queue but its own
+//!   later data, so it may keep more in flight: about [`ALONE_QUEUE_TIME`] of its highest
+//!   measured rate, between the shared floor and [`ALONE_MIN_CAP`] (512 KiB). On loopback
+//!   that is 512 KiB, and 1 MiB messages moved 865-885 MB/s against 536-739 MB/s with
+//!   64 KiB (`bench/run.sh`, trust and raw quinn, one full and two quick runs with each
+//!   floor fixed). The first packet of another lane then waits behind about a
+//!   millisecond of the transfer, and from it on the link counts as shared for
 //!   [`SHARED_FOR`].
 //!
 //! On a path with a real round trip the bandwidth-delay product is larger than either
@@ -47,10 +49,13 @@ use std::time::{Duration, Instant};
 use quinn::congestion::{BbrConfig, Controller, ControllerFactory, ControllerMetrics};
 use quinn_proto::RttEstimator;
 
-/// The smallest cap while the link's lanes share it, and while one lane has it to
-/// itself (see the module's documentation for what each costs and buys).
+/// The smallest cap while the link's lanes share it; while one lane has it to itself,
+/// what the link moves in [`ALONE_QUEUE_TIME`] at its highest measured rate, between
+/// that and [`ALONE_MIN_CAP`] (see the module's documentation for what each costs and
+/// buys).
 pub(crate) const SHARED_MIN_CAP: u64 = 64 * 1024;
-pub(crate) const ALONE_MIN_CAP: u64 = 512 * 1024;
+const ALONE_MIN_CAP: u64 = 512 * 1024;
+const ALONE_QUEUE_TIME: Duration = Duration::from_millis(1);
 /// How long after data last went out on a lane other than the one before the link
 /// counts as shared: a request/reply pattern of other processes (a `gen_server:call`
 /// every few tens of ms beside a transfer) keeps it so.
@@ -155,7 +160,7 @@ impl DelayBounded {
         if self.shared {
             SHARED_MIN_CAP
         } else {
-            ALONE_MIN_CAP
+            self.bound.alone_floor
         }
     }
 }
@@ -246,6 +251,8 @@ struct WindowBound {
     rtt: Windowed<Duration>,
     /// The cap as of the last batch of acknowledgements, before the floor.
     cap: u64,
+    /// The floor while one lane has the link to itself, as of the same batch.
+    alone_floor: u64,
 }
 
 impl WindowBound {
@@ -257,6 +264,7 @@ impl WindowBound {
             rate: Windowed::new(RATE_WINDOW, Ord::max),
             rtt: Windowed::new(MIN_RTT_WINDOW, Ord::min),
             cap: initial,
+            alone_floor: SHARED_MIN_CAP,
         }
     }
 
@@ -287,6 +295,12 @@ impl WindowBound {
             .unwrap_or(u64::MAX);
         if !app_limited || self.rate.get().is_none_or(|max| rate > max) {
             self.rate.record(now, rate);
+        }
+        if let Some(rate) = self.rate.get() {
+            let queue = u128::from(rate) * ALONE_QUEUE_TIME.as_nanos() / 1_000_000_000;
+            self.alone_floor = u64::try_from(queue)
+                .unwrap_or(u64::MAX)
+                .clamp(SHARED_MIN_CAP, ALONE_MIN_CAP);
         }
         if let (Some(rate), Some(rtt)) = (self.rate.get(), self.rtt.get()) {
             let bdp = u128::from(rate) * rtt.as_nanos() / 1_000_000_000;
@@ -535,17 +549,40 @@ mod tests {
         assert!(!sharing.shared_at(t0 + ms(250) + SHARED_FOR));
     }
 
+    /// Acknowledgements at `rate` bytes/s, each packet after `rtt`, batches 1 ms apart.
+    fn measured(rate: u64, rtt: Duration) -> WindowBound {
+        let mut bound = WindowBound::new(0);
+        let mut now = Instant::now();
+        for _ in 0..20 {
+            now += Duration::from_millis(1);
+            bound.on_ack(now, now - rtt, rate / 1000);
+            bound.on_end_acks(now, false);
+        }
+        bound
+    }
+
+    #[test]
+    fn a_lane_alone_may_queue_about_a_millisecond_of_the_link_s_rate() {
+        let rtt = Duration::from_micros(10);
+        assert_eq!(measured(1_000_000_000, rtt).alone_floor, ALONE_MIN_CAP);
+        assert_near(measured(300_000_000, rtt).alone_floor, 300_000);
+        // 100 Mbit/s: a millisecond is less than the shared floor.
+        assert_eq!(measured(12_500_000, rtt).alone_floor, SHARED_MIN_CAP);
+        assert_eq!(WindowBound::new(0).alone_floor, SHARED_MIN_CAP);
+    }
+
     #[test]
     fn the_window_is_held_to_the_narrow_floor_while_the_link_is_shared() {
         let sharing = Arc::new(LaneSharing::new());
         let t0 = Instant::now();
-        // Nothing measured yet (a bound of 0), so the floor alone caps BBR's window.
+        // 1 GB/s at 10 µs: the product is below both floors, so a floor caps BBR's window.
         let mut controller = DelayBounded {
             bbr: Arc::new(BbrConfig::default()).build(t0, 1200),
-            bound: WindowBound::new(0),
+            bound: measured(1_000_000_000, Duration::from_micros(10)),
             sharing: sharing.clone(),
             shared: true,
         };
+        assert!(controller.bound.cap < SHARED_MIN_CAP);
         let bbr_window = controller.bbr.window();
         assert!((SHARED_MIN_CAP + 1..ALONE_MIN_CAP).contains(&bbr_window));
         controller.on_sent(t0, 1200, 1);

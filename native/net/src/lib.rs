@@ -148,8 +148,9 @@ pub(crate) struct CarrierShared {
     pub(crate) identity: NodeIdentity,
     pub(crate) settings: Settings,
     pub(crate) log: Arc<dyn Log>,
-    /// TLS and transport settings for outgoing and incoming connections. Each
-    /// connection gets a copy with its own transport config (`connection_configs`).
+    /// TLS and transport settings for outgoing and incoming connections. Each connection
+    /// gets a copy with its own transport config (`client_config_for`,
+    /// `server_config_for`).
     client_config: quinn::ClientConfig,
     server_config: quinn::ServerConfig,
     refusals: std::sync::Mutex<RefusalLimit>,
@@ -160,25 +161,27 @@ pub(crate) struct CarrierShared {
 }
 
 impl CarrierShared {
-    /// The configs for one new connection: the carrier's, with a transport config whose
-    /// congestion controller sees which lanes this connection's writers use.
-    pub(crate) fn connection_configs(
+    /// The config for one outgoing connection: the carrier's, with a transport config
+    /// whose congestion controller sees which lanes this connection's writers use.
+    pub(crate) fn client_config_for(
         &self,
         sharing: Arc<congestion::LaneSharing>,
-    ) -> (quinn::ClientConfig, Arc<quinn::ServerConfig>) {
-        let mut client = self.client_config.clone();
-        client.transport_config(Arc::new(transport_config(
-            &self.settings,
-            Role::Client,
-            sharing.clone(),
-        )));
-        let mut server = self.server_config.clone();
-        server.transport_config(Arc::new(transport_config(
-            &self.settings,
-            Role::Server,
-            sharing,
-        )));
-        (client, Arc::new(server))
+    ) -> quinn::ClientConfig {
+        let mut config = self.client_config.clone();
+        let transport = transport_config(&self.settings, Role::Client, sharing);
+        config.transport_config(Arc::new(transport));
+        config
+    }
+
+    /// The same for one incoming connection.
+    pub(crate) fn server_config_for(
+        &self,
+        sharing: Arc<congestion::LaneSharing>,
+    ) -> Arc<quinn::ServerConfig> {
+        let mut config = self.server_config.clone();
+        let transport = transport_config(&self.settings, Role::Server, sharing);
+        config.transport_config(Arc::new(transport));
+        Arc::new(config)
     }
 
     /// Logs a refused connection, at most [`REFUSALS_PER_WINDOW`] per
@@ -342,7 +345,7 @@ impl Carrier {
             .map_err(StartError::Runtime)?;
         let mut server =
             quinn::ServerConfig::with_crypto(Arc::new(tls::server_config(&identity.secret)?));
-        // Connections are accepted with a config of their own (`connection_configs`);
+        // Connections are accepted with a config of their own (`server_config_for`);
         // this one only lets the endpoint take connection attempts.
         server.transport_config(Arc::new(transport_config(
             &settings,

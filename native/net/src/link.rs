@@ -913,7 +913,7 @@ pub(crate) async fn accept<A: Acceptor>(
     let from = incoming.remote_address();
     let timeout = carrier.settings.handshake_timeout;
     let sharing = Arc::new(LaneSharing::new());
-    let (_, server_config) = carrier.connection_configs(sharing.clone());
+    let server_config = carrier.server_config_for(sharing.clone());
     let result = tokio::time::timeout(timeout, async {
         // TLS may fail as the connection is accepted or later in its handshake.
         let handshake_failed = |e| (None, format!("QUIC/TLS handshake failed: {e}"));
@@ -1030,7 +1030,7 @@ pub(crate) async fn connect(
 ) -> Result<Link, String> {
     let timeout = carrier.settings.handshake_timeout;
     let sharing = Arc::new(LaneSharing::new());
-    let (config, _) = carrier.connection_configs(sharing.clone());
+    let config = carrier.client_config_for(sharing.clone());
     let attempt = async {
         let connecting = endpoint
             .connect_with(config, addr, "trust-dist")

@@ -682,8 +682,7 @@ fn large_packets_arrive_intact() {
 
 /// The congestion window stays near what the path needs during a bulk transfer (see
 /// `congestion.rs`): quinn's own BBR let it grow to gigabytes on loopback, and megabytes
-/// of one lane then queued ahead of every other lane's packets. A lane alone may keep the
-/// wider floor in flight.
+/// of one lane then queued ahead of every other lane's packets.
 #[test]
 fn a_bulk_transfer_keeps_the_window_near_what_loopback_needs() {
     let (a, b) = two_nodes(settings(), settings());
@@ -703,19 +702,24 @@ fn a_bulk_transfer_keeps_the_window_near_what_loopback_needs() {
         widest <= 1024 * 1024,
         "the congestion window reached {widest} bytes on loopback"
     );
-    assert!(
-        widest >= crate::congestion::ALONE_MIN_CAP,
-        "with one lane in use the window stayed at {widest} bytes"
-    );
 }
 
-/// While other processes' packets take turns with a bulk transfer on other lanes, the
-/// window stays under what one lane alone may keep in flight, so they wait behind less.
+/// A bulk transfer alone on a link may keep more in flight than while other processes'
+/// packets take turns with it on other lanes: then they would wait behind it.
 #[test]
-fn a_second_lane_in_use_holds_the_window_below_what_one_lane_alone_may_keep() {
+fn a_second_lane_in_use_holds_the_window_below_what_one_lane_alone_keeps() {
     let (a, b) = two_nodes(settings(), settings());
     let (a_end, b_end) = link_up(&a, &b, A, B);
     let packets = bulk_of(3, 192, 256 * 1024);
+    let (got, alone) = sample_window_during(&a_end, || {
+        std::thread::scope(|s| {
+            let receiver = s.spawn(|| b_end.receive(packets.len()));
+            a_end.send_all(&packets, 4);
+            receiver.join().unwrap().len()
+        })
+    });
+    assert_eq!(got, packets.len());
+
     let bulk_done = AtomicBool::new(false);
     let small_sent = AtomicUsize::new(usize::MAX);
     let link = &a_end.link;
@@ -754,7 +758,7 @@ fn a_second_lane_in_use_holds_the_window_below_what_one_lane_alone_may_keep() {
         }
         (bulk, small)
     };
-    let ((bulk, small), widest) = std::thread::scope(|s| {
+    let ((bulk, small), shared) = std::thread::scope(|s| {
         let pinging = s.spawn(pinger);
         let receiving = s.spawn(receiver);
         // The small packets go first, so the bulk starts on a shared link.
@@ -768,9 +772,12 @@ fn a_second_lane_in_use_holds_the_window_below_what_one_lane_alone_may_keep() {
     });
     assert_eq!(bulk, packets.len());
     assert!(small >= 20, "{small} small packets");
+    // On loopback: 512 KiB against 64 KiB (about 150 KiB against 64 KiB in a debug build,
+    // whose rate is lower).
     assert!(
-        widest < crate::congestion::ALONE_MIN_CAP,
-        "the congestion window reached {widest} bytes with two lanes in use"
+        shared < alone,
+        "the widest congestion window was {alone} bytes with one lane in use, {shared} \
+         with two"
     );
 }
 
