@@ -13,9 +13,9 @@ defmodule TrustDist do
   (`:certified_as`), its `:tier`, the `:fingerprint` of its key, the link `:mode`
   (`:full` or `:restricted`), its `:address`, certificate `:serial`, `:not_after` and
   `:issuer`, and the counters `:bytes_in`, `:bytes_out`, `:packets_in`, `:packets_out`,
-  `:ticks_in`, `:ticks_out`, `:dropped_in` and `:queued`. Restricted links (the peer's tier
-  is below ours) also carry the filter's `:counters` (`%{op => %{outcome => n}}`) and
-  `:denied`; full links report them empty.
+  `:ticks_in`, `:ticks_out`, `:tail_probes`, `:dropped_in` and `:queued`. Restricted
+  links (the peer's tier is below ours) also carry the filter's `:counters`
+  (`%{op => %{outcome => n}}`) and `:denied`; full links report them empty.
 
       iex> TrustDist.links()
       [%{node: :"b@127.0.0.1", tier: "worker", mode: :restricted, ...}]

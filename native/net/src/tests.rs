@@ -247,11 +247,15 @@ impl Node {
 
     /// Dials `to`, expecting it to be `expected`; returns the verified link or the reason.
     fn connect(&self, to: &Node, expected: &str) -> Result<End, String> {
+        self.connect_at(to.addr(), expected)
+    }
+
+    fn connect_at(&self, addr: SocketAddr, expected: &str) -> Result<End, String> {
         let events = Events::new();
         let rx = events.take_receiver();
         let (tx, done) = mpsc::channel();
         self.carrier.connect(
-            to.addr(),
+            addr,
             expected.to_owned(),
             events,
             Box::new(move |result| {
@@ -447,7 +451,12 @@ fn checksum(bytes: &[u8]) -> u64 {
 /// on the way that `b` is not told of it before `a` named itself. Both ends are in the
 /// data phase on return.
 fn link_up(a: &Node, b: &Node, a_name: &str, b_name: &str) -> (End, End) {
-    let a_end = a.connect(b, b_name).expect("a reaches b");
+    link_up_at(a, b, b.addr(), a_name, b_name)
+}
+
+/// [`link_up`], with `a` dialling `b` at `addr` (a relay in front of it).
+fn link_up_at(a: &Node, b: &Node, addr: SocketAddr, a_name: &str, b_name: &str) -> (End, End) {
+    let a_end = a.connect_at(addr, b_name).expect("a reaches b");
     b.assert_nothing_accepted();
 
     let name = send_name(FLAGS, 7, a_name);
@@ -799,6 +808,129 @@ fn sample_window_during<T>(end: &End, work: impl FnOnce() -> T) -> (T, u64) {
         done.store(true, Ordering::Relaxed);
         (result, sampler.join().unwrap())
     })
+}
+
+/// A UDP relay on loopback that holds every datagram for `delay` each way, so that a
+/// link through it has a real round trip. Threads end when it is dropped.
+struct DelayRelay {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl DelayRelay {
+    fn start(to: SocketAddr, delay: Duration) -> DelayRelay {
+        use std::net::UdpSocket;
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        for socket in [&front, &back] {
+            socket
+                .set_read_timeout(Some(Duration::from_millis(10)))
+                .unwrap();
+        }
+        let addr = front.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let mut threads = Vec::new();
+        // One direction: datagrams read from `from` go out of `via` to `dest()` after
+        // `delay`, in order.
+        let mut direction =
+            |from: Arc<UdpSocket>,
+             via: Arc<UdpSocket>,
+             dest: Box<dyn Fn(SocketAddr) -> Option<SocketAddr> + Send>| {
+                let (tx, rx) = mpsc::channel::<(Instant, SocketAddr, Vec<u8>)>();
+                let stop = stop.clone();
+                threads.push(std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65_536];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok((n, sender)) = from.recv_from(&mut buf) {
+                            let _ = tx.send((Instant::now() + delay, sender, buf[..n].to_vec()));
+                        }
+                    }
+                }));
+                threads.push(std::thread::spawn(move || {
+                    while let Ok((due, sender, datagram)) = rx.recv() {
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                        if let Some(dest) = dest(sender) {
+                            let _ = via.send_to(&datagram, dest);
+                        }
+                    }
+                }));
+            };
+        let seen = client.clone();
+        direction(
+            front.clone(),
+            back.clone(),
+            Box::new(move |sender| {
+                *seen.lock().unwrap() = Some(sender);
+                Some(to)
+            }),
+        );
+        direction(back, front, Box::new(move |_| *client.lock().unwrap()));
+        DelayRelay {
+            addr,
+            stop,
+            threads,
+        }
+    }
+}
+
+impl Drop for DelayRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Where the round trip is long enough, the last packet of each burst is followed by one
+/// probe, so that its loss shows within about a round trip rather than at the probe
+/// timeout; on loopback there are none.
+#[test]
+fn the_last_packet_of_a_burst_is_probed_where_the_round_trip_is_long() {
+    let probes = |end: &End| end.link.stats().tail_probes.load(Ordering::Relaxed);
+    // Five bursts of one packet, then one of 40 packets 200 µs apart (8 ms, several of
+    // the prober's waits at 10 ms); returns the probes they drew.
+    let bursts = |a_end: &End, b_end: &End| {
+        std::thread::sleep(Duration::from_millis(200));
+        let before = probes(a_end);
+        for i in 0..5 {
+            assert!(a_end.send(&[&send_sender(3, &numbered(i, 16))]));
+            b_end.receive(1);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let single = probes(a_end) - before;
+        for packet in bulk_of(3, 40, 100) {
+            assert!(a_end.send(&[&packet]));
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        b_end.receive(40);
+        std::thread::sleep(Duration::from_millis(50));
+        (single, probes(a_end) - before - single)
+    };
+
+    let (a, b) = two_nodes(settings(), settings());
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    assert_eq!(bursts(&a_end, &b_end), (0, 0), "probes on loopback");
+
+    let (c, d) = two_nodes(settings(), settings());
+    let relay = DelayRelay::start(d.addr(), Duration::from_millis(5));
+    let (c_end, d_end) = link_up_at(&c, &d, relay.addr, A, B);
+    let rtt = c_end.link.quic_stats().path.rtt;
+    assert!(
+        rtt >= Duration::from_millis(10),
+        "round trip {rtt:?} through the relay"
+    );
+    // The long burst draws one probe, at its end; a pause longer than an eighth of the
+    // round trip in its middle (a busy machine) may draw another. One probe per packet
+    // would be 40.
+    let (single, burst) = bursts(&c_end, &d_end);
+    assert!(
+        single == 5 && (1..=3).contains(&burst),
+        "probes at a 10 ms round trip: {single} for five single packets, {burst} for a burst"
+    );
+    drop(relay);
 }
 
 /// The receive credit holds back a receiver that does not ack, the QUIC windows then fill,
