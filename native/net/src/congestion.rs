@@ -33,10 +33,10 @@
 //! - While one lane has the link to itself, nothing waits behind its queue but its own
 //!   later data, so it may keep more in flight: about [`ALONE_QUEUE_TIME`] of its highest
 //!   measured rate, between the shared floor and [`ALONE_MIN_CAP`] (512 KiB). On loopback
-//!   that is 512 KiB, and 1 MiB messages moved 865-885 MB/s against 536-739 MB/s with
-//!   64 KiB (`bench/run.sh`, trust and raw quinn, one full and two quick runs with each
-//!   floor fixed). The first packet of another lane then waits behind about a
-//!   millisecond of the transfer, and from it on the link counts as shared for
+//!   that is 512 KiB, and 1 MiB messages moved 661-844 MB/s, 0.81-1.09x the bare
+//!   transport, against 381-630 MB/s (0.57-0.87x) with 64 KiB for all traffic (`make
+//!   bench`, five full runs each). The first packet of another lane then waits behind
+//!   about a millisecond of the transfer, and from it on the link counts as shared for
 //!   [`SHARED_FOR`].
 //!
 //! On a path with a real round trip the bandwidth-delay product is larger than either
@@ -99,7 +99,7 @@ impl LaneSharing {
     pub(crate) fn wrote(&self, lane: usize, now: Instant) {
         if self.last_lane.swap(lane, Ordering::Relaxed) != lane {
             let until = self.since_epoch(now).saturating_add(nanos(SHARED_FOR));
-            self.shared_until.store(until, Ordering::Relaxed);
+            self.shared_until.fetch_max(until, Ordering::Relaxed);
         }
     }
 

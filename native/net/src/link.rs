@@ -493,6 +493,8 @@ pub(crate) struct Shared {
     writes: AtomicU64,
     probing: AtomicBool,
     wrote: tokio::sync::Notify,
+    /// A probe is queued for the tick stream and not yet written.
+    probe_pending: AtomicBool,
 }
 
 impl Shared {
@@ -1170,6 +1172,7 @@ fn spawn_link(
         writes: AtomicU64::new(0),
         // Until a round trip is measured, as QUIC assumes a long one.
         probing: AtomicBool::new(true),
+        probe_pending: AtomicBool::new(false),
         wrote: tokio::sync::Notify::new(),
         started: tokio::sync::Notify::new(),
     });
@@ -1594,7 +1597,10 @@ async fn ticker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<TickStream>
             }
             let counter = match what {
                 TickStream::Tick => &shared.stats.ticks_out,
-                TickStream::Probe => &shared.stats.tail_probes,
+                TickStream::Probe => {
+                    shared.probe_pending.store(false, Ordering::Relaxed);
+                    &shared.stats.tail_probes
+                }
             };
             counter.fetch_add(1, Ordering::Relaxed);
         }
@@ -1607,15 +1613,19 @@ const TAIL_PROBE_MIN_RTT: std::time::Duration = std::time::Duration::from_millis
 /// How often the prober looks at the round trip while nothing is written.
 const TAIL_PROBE_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Sends one tick byte, a packet of its own, an eighth of a round trip after the last
-/// write of a burst, where the round trip is at least [`TAIL_PROBE_MIN_RTT`]. When a
-/// burst's last packet is lost (a reply, on a direction where nothing else travels),
-/// QUIC finds it only at the probe timeout: the round trip, four times its variance and
-/// the peer's acknowledgement delay, which a bulk transfer's queue beside the reply
-/// inflates. Once the probe after it is acknowledged, the loss shows at 9/8 of a round
-/// trip after it was sent (QUIC's time threshold). Ping p99 beside a bulk transfer at
-/// 50 ms RTT and 1 % loss, four alternating `bench/run.sh --loss-only` runs each: 113,
-/// 114, 161, 113 ms with probes, 145, 141, 107, 123 ms without.
+/// Sends one tick byte an eighth of a round trip after the last write of a burst (so in
+/// a later packet than the burst's last, unless the window still held that back), where
+/// the round trip is at least [`TAIL_PROBE_MIN_RTT`]. When a burst's last packet is lost
+/// (a reply, on a direction where nothing else travels), QUIC finds it only at the
+/// probe timeout: the round trip, four times its variance and the peer's
+/// acknowledgement delay, which a bulk transfer's queue beside the reply inflates. Once
+/// the probe after it is acknowledged, the loss shows at 9/8 of a round trip after it
+/// was sent (QUIC's time threshold). At most one probe waits to be written at a time, so
+/// a peer that starves the tick stream of flow-control credit holds back one byte, not
+/// a queue. The measurement is suggestive rather than conclusive (each p99 is the
+/// fourth-worst of about 350 pings): ping p99 beside a bulk transfer at 50 ms RTT and
+/// 1 % loss, four alternating `bench/run.sh --loss-only` runs each, 113, 114, 161 and
+/// 113 ms with probes, 145, 141, 107 and 123 ms without.
 async fn tail_prober(shared: Arc<Shared>, ticks: mpsc::WeakUnboundedSender<TickStream>) {
     let closed = shared.connection.closed();
     tokio::pin!(closed);
@@ -1630,8 +1640,7 @@ async fn tail_prober(shared: Arc<Shared>, ticks: mpsc::WeakUnboundedSender<TickS
             }
         }
         let rtt = shared.connection.rtt();
-        let probing =
-            rtt >= TAIL_PROBE_MIN_RTT && std::env::var("XPROBE").map_or(true, |v| v != "0");
+        let probing = rtt >= TAIL_PROBE_MIN_RTT;
         shared.probing.store(probing, Ordering::Relaxed);
         if !probing {
             continue;
@@ -1643,6 +1652,9 @@ async fn tail_prober(shared: Arc<Shared>, ticks: mpsc::WeakUnboundedSender<TickS
         }
         // Later data went out, and probes this burst's tail itself.
         if shared.writes.load(Ordering::Relaxed) != seen {
+            continue;
+        }
+        if shared.probe_pending.swap(true, Ordering::Relaxed) {
             continue;
         }
         let Some(ticks) = ticks.upgrade() else {

@@ -781,10 +781,12 @@ fn a_second_lane_in_use_holds_the_window_below_what_one_lane_alone_keeps() {
     });
     assert_eq!(bulk, packets.len());
     assert!(small >= 20, "{small} small packets");
-    // On loopback: 512 KiB against 64 KiB (about 150 KiB against 64 KiB in a debug build,
-    // whose rate is lower).
+    // On loopback: 512 KiB against 64 KiB in a release build. A debug build's lower rate
+    // (about 150 MB/s) gives a lane alone less, down to the shared floor on a busy machine,
+    // so there only the shared window is held to about the floor.
+    let floor = crate::congestion::SHARED_MIN_CAP;
     assert!(
-        shared < alone,
+        shared <= 2 * floor && (cfg!(debug_assertions) || shared < alone),
         "the widest congestion window was {alone} bytes with one lane in use, {shared} \
          with two"
     );
@@ -890,8 +892,8 @@ impl Drop for DelayRelay {
 #[test]
 fn the_last_packet_of_a_burst_is_probed_where_the_round_trip_is_long() {
     let probes = |end: &End| end.link.stats().tail_probes.load(Ordering::Relaxed);
-    // Five bursts of one packet, then one of 40 packets 200 µs apart (8 ms, several of
-    // the prober's waits at 10 ms); returns the probes they drew.
+    // Five bursts of one packet, then one of 40 packets 500 µs apart (20 ms, four of the
+    // prober's 5 ms waits at a 40 ms round trip); returns the probes they drew.
     let bursts = |a_end: &End, b_end: &End| {
         std::thread::sleep(Duration::from_millis(200));
         let before = probes(a_end);
@@ -903,7 +905,7 @@ fn the_last_packet_of_a_burst_is_probed_where_the_round_trip_is_long() {
         let single = probes(a_end) - before;
         for packet in bulk_of(3, 40, 100) {
             assert!(a_end.send(&[&packet]));
-            std::thread::sleep(Duration::from_micros(200));
+            std::thread::sleep(Duration::from_micros(500));
         }
         b_end.receive(40);
         std::thread::sleep(Duration::from_millis(50));
@@ -915,20 +917,20 @@ fn the_last_packet_of_a_burst_is_probed_where_the_round_trip_is_long() {
     assert_eq!(bursts(&a_end, &b_end), (0, 0), "probes on loopback");
 
     let (c, d) = two_nodes(settings(), settings());
-    let relay = DelayRelay::start(d.addr(), Duration::from_millis(5));
+    let relay = DelayRelay::start(d.addr(), Duration::from_millis(20));
     let (c_end, d_end) = link_up_at(&c, &d, relay.addr, A, B);
     let rtt = c_end.link.quic_stats().path.rtt;
     assert!(
-        rtt >= Duration::from_millis(10),
+        rtt >= Duration::from_millis(30),
         "round trip {rtt:?} through the relay"
     );
-    // The long burst draws one probe, at its end; a pause longer than an eighth of the
-    // round trip in its middle (a busy machine) may draw another. One probe per packet
-    // would be 40.
+    // The long burst draws one probe, at its end; a pause of 5 ms in its middle (a busy
+    // machine) may draw another. Probing during the burst would draw four or five, one
+    // a packet 40.
     let (single, burst) = bursts(&c_end, &d_end);
     assert!(
-        single == 5 && (1..=3).contains(&burst),
-        "probes at a 10 ms round trip: {single} for five single packets, {burst} for a burst"
+        single == 5 && (1..=2).contains(&burst),
+        "probes at a 40 ms round trip: {single} for five single packets, {burst} for a burst"
     );
     drop(relay);
 }
