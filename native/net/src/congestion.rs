@@ -296,13 +296,14 @@ impl WindowBound {
         if !app_limited || self.rate.get().is_none_or(|max| rate > max) {
             self.rate.record(now, rate);
         }
-        if let Some(rate) = self.rate.get() {
-            let queue = u128::from(rate) * ALONE_QUEUE_TIME.as_nanos() / 1_000_000_000;
-            self.alone_floor = u64::try_from(queue)
-                .unwrap_or(u64::MAX)
-                .clamp(SHARED_MIN_CAP, ALONE_MIN_CAP);
-        }
-        if let (Some(rate), Some(rtt)) = (self.rate.get(), self.rtt.get()) {
+        let Some(rate) = self.rate.get() else {
+            return;
+        };
+        let queue = u128::from(rate) * ALONE_QUEUE_TIME.as_nanos() / 1_000_000_000;
+        self.alone_floor = u64::try_from(queue)
+            .unwrap_or(u64::MAX)
+            .clamp(SHARED_MIN_CAP, ALONE_MIN_CAP);
+        if let Some(rtt) = self.rtt.get() {
             let bdp = u128::from(rate) * rtt.as_nanos() / 1_000_000_000;
             self.cap = u64::try_from(bdp * u128::from(CAP_GAIN)).unwrap_or(u64::MAX);
         }
