@@ -915,6 +915,8 @@ echo() ->
 %% both nodes on this machine share), so a slow round trip is split into its two ways.
 echo_stamped() ->
     receive
+        {tail_counters, From} when is_pid(From) ->
+            From ! {self(), tail_counters, tail_counters(node(From))}, echo_stamped();
         {From, Msg} -> From ! {self(), Msg, os:system_time(nanosecond)}, echo_stamped();
         stop -> ok
     end.
@@ -931,7 +933,9 @@ ping_splits() ->
         Splits when is_list(Splits), Splits =/= [] ->
             #{p50_us := AB50, p99_us := AB99} = stats([F || {F, _} <- Splits]),
             #{p50_us := BA50, p99_us := BA99} = stats([B || {_, B} <- Splits]),
+            Worst = lists:sublist(lists:reverse(lists:sort([F || {F, _} <- Splits])), 6),
             #{a_to_b_p50_us => AB50, a_to_b_p99_us => AB99,
+              a_to_b_worst_us => [round(W / 1000) || W <- Worst],
               b_to_a_p50_us => BA50, b_to_a_p99_us => BA99};
         _ -> #{}
     end.
@@ -1159,7 +1163,15 @@ load_ping(B, Size, DurMs, StarveMs, WaitMs, #{warm := Warm, lead_ms := LeadMs}) 
               Pinger = spawn(fun() -> pinger(Self, Echo, Deadline) end),
               Sampler = spawn(fun() -> quic_sampler(B, []) end),
               Pings = collect_pings(Pinger, StarveMs, []),
-              Quic = maps:merge(quic_samples(Sampler), ping_splits()),
+              Quic0 = maps:merge(quic_samples(Sampler, B), ping_splits()),
+              Echo ! {tail_counters, self()},
+              Quic = receive
+                         {Echo, tail_counters, EchoSide} ->
+                             maps:merge(Quic0, maps:from_list(
+                                                 [{list_to_atom("b_" ++ atom_to_list(K)), V}
+                                                  || {K, V} <- maps:to_list(EchoSide)]))
+                     after 2000 -> Quic0
+                     end,
               %% If starved: did the ping never leave A (sender suspended on a busy
               %% link) or is its reply outstanding (waiting in receive)?
               PingerState = printable(erlang:process_info(Pinger, [status, current_function])),
@@ -1225,15 +1237,22 @@ catch_links() ->
         _ -> []
     end.
 
-quic_samples(Sampler) ->
+%% This node's counters of its tail work on its link to Peer: copies it sent, copies
+%% of Peer's packets that came first, probes after bursts.
+tail_counters(Peer) ->
+    maps:from_list([{K, V} || #{node := N} = L <- catch_links(), N =:= Peer,
+                              K <- [copies_out, copies_used, tail_probes],
+                              {ok, V} <- [maps:find(K, L)]]).
+
+quic_samples(Sampler, B) ->
     Sampler ! {stop, self()},
     receive
         {quic_samples, Sampler, []} -> #{};
         {quic_samples, Sampler, Samples} ->
             Rtts = lists:sort([R || {R, _} <- Samples]),
             Cwnds = lists:sort([C || {_, C} <- Samples]),
-            #{quic_rtt_p50_us => median(Rtts), quic_rtt_max_us => lists:last(Rtts),
-              quic_cwnd_p50 => median(Cwnds)}
+            (tail_counters(B))#{quic_rtt_p50_us => median(Rtts), quic_rtt_max_us => lists:last(Rtts),
+                  quic_cwnd_p50 => median(Cwnds)}
     after 5000 -> #{}
     end.
 

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 vectors=native/proto/tests/vectors
 corpus=native/proto/fuzz/corpus
-mkdir -p "$corpus"/{etf_walk,control_decode,filter_decide,frame_decoder,hello_and_certificate,handshake_name}
+mkdir -p "$corpus"/{etf_walk,control_decode,filter_decide,frame_decoder,hello_and_certificate,handshake_name,lane_copy}
 
 # Big-endian length prefixes, as bytes printf can write.
 be16() { printf "\\x$(printf %02x $(($1 >> 8 & 255)))\\x$(printf %02x $(($1 & 255)))"; }
@@ -74,5 +74,10 @@ challenge() { printf 'N\x00\x00\x00\x0d\x07\xdf\x7f\xbd\x12\x34\x56\x78\x00\x00\
   > "$corpus/handshake_name/accepting"
 { printf '\x01\x03sok'; printf "\\x$(printf %02x $((17 + 2 + ${#name})))"; challenge; } \
   > "$corpus/handshake_name/connecting"
+
+# lane_copy: a copy of a small frame on lane 5 at stream offset 1, and one on lane 31.
+printf '\x05\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00\x02pq' > "$corpus/lane_copy/lane5"
+printf '\x1f\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x08' \
+  > "$corpus/lane_copy/lane31"
 
 echo "fuzz corpora seeded from $n vectors in $corpus/"

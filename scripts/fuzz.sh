@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-${FUZZ_SECONDS:-60}}
-targets=${FUZZ_TARGETS:-"etf_walk control_decode filter_decide frame_decoder hello_and_certificate handshake_name"}
+targets=${FUZZ_TARGETS:-"etf_walk control_decode filter_decide frame_decoder hello_and_certificate handshake_name lane_copy"}
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "fuzz: installing cargo-fuzz from crates.io"

@@ -598,7 +598,10 @@ fn transport_config(
         Role::Client => RESTRICTED_RECEIVE_WINDOW,
     }));
     t.send_window(u64::from(RECEIVE_WINDOW));
-    t.datagram_receive_buffer_size(None);
+    // Datagrams carry lane copies (`link::lane_copy`): small, and dropped oldest first
+    // when either end holds too many.
+    t.datagram_receive_buffer_size(Some(link::COPY_RECEIVE_BUFFER));
+    t.datagram_send_buffer_size(link::COPY_SEND_BUFFER);
     // BBR paces to the path's measured bandwidth and RTT instead of halving at every
     // lost packet: under 1 % random loss at 50 ms RTT, CUBIC falls to the loss formula's
     // ~0.4 MB/s and holds a bulk transfer's queue for seconds, BBR moves ~50 MB/s with

@@ -22,8 +22,10 @@ use trust_dist_proto::{PublicKey, SecretKey};
 /// 1.. also carry barrier markers (fences behind packets that name no sender), which a
 /// version 2 node would take for a protocol error. Version 4: fences come after any
 /// packet that names no sender, not only in a link's opening, and a version 3 receiver
-/// could let the lanes behind them hold its read-ahead for good.
-pub const ALPN: &[u8] = b"trust-dist/4";
+/// could let the lanes behind them hold its read-ahead for good. Version 5: QUIC
+/// datagrams carry lane copies (`trust_dist_proto::copies`), and senders use lanes 1..
+/// only.
+pub const ALPN: &[u8] = b"trust-dist/5";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {

@@ -29,7 +29,7 @@ mod atoms {
         trust_dist_accepted, trust_dist_connected, trust_dist_connect_failed, trust_dist_log,
         debug, info, notice, warning,
         certified_as, tier, fingerprint, mode, cross_tier, address, serial, not_after, issuer, full, restricted,
-        bytes_in, bytes_out, packets_in, packets_out, queued, lanes, reopenings, ticks_in, ticks_out, tail_probes, dropped_in,
+        bytes_in, bytes_out, packets_in, packets_out, queued, lanes, reopenings, ticks_in, ticks_out, tail_probes, copies_out, copies_used, dropped_in,
         identity, certificate, authorities, tiers, listen, node_name, runtime,
         policy, assertions, counters, denied, trust_dist_denied, revoked,
         peer, op, reason, outcome, detail, suppressed,
@@ -992,6 +992,14 @@ fn stats<'a>(env: Env<'a>, link: ResourceArc<LinkResource>) -> NifResult<Term<'a
         (
             atoms::tail_probes().encode(env),
             s.tail_probes.load(Relaxed).encode(env),
+        ),
+        (
+            atoms::copies_out().encode(env),
+            s.copies_out.load(Relaxed).encode(env),
+        ),
+        (
+            atoms::copies_used().encode(env),
+            s.copies_used.load(Relaxed).encode(env),
         ),
         (
             atoms::dropped_in().encode(env),

@@ -137,7 +137,10 @@ fn is_message_op(op: i64) -> bool {
     matches!(op, 2 | 6 | 12 | 16 | 22 | 23 | 33 | 34 | 37)
 }
 
-/// FNV-1a of the pid's bytes, salted: cheap, and stable for one link's life.
+/// FNV-1a of the pid's bytes, salted: cheap, and stable for one link's life. Senders go
+/// on lanes 1.. only: lane 0 is the link's first stream, which carries the opening and
+/// the packets that name no sender (so a sender there would wait behind every barrier),
+/// and which is never copied (`crate::copies`).
 fn lane_index(pid: &[u8], salt: u64) -> usize {
     let mut hash = 0xcbf2_9ce4_8422_2325u64 ^ salt;
     for &b in pid {
@@ -145,7 +148,7 @@ fn lane_index(pid: &[u8], salt: u64) -> usize {
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
     // Fold the high bits in: the low bits of FNV alone spread short inputs poorly.
-    ((hash ^ (hash >> 32)) % LANES as u64) as usize
+    1 + ((hash ^ (hash >> 32)) % (LANES as u64 - 1)) as usize
 }
 
 /// The size of a barrier marker's body.
@@ -341,8 +344,10 @@ mod tests {
             );
             used[lane] += 1;
         }
-        // 512 senders over 32 lanes: every lane is used, none takes more than 3x its share.
-        assert!(used.iter().all(|&n| n > 0 && n <= 48), "{used:?}");
+        // 512 senders over lanes 1..32: every one is used, none takes more than 3x its
+        // share, and lane 0 none.
+        assert_eq!(used[0], 0);
+        assert!(used[1..].iter().all(|&n| n > 0 && n <= 50), "{used:?}");
     }
 
     #[test]

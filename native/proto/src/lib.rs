@@ -10,6 +10,7 @@
 
 pub mod cert;
 pub mod control;
+pub mod copies;
 pub mod etf;
 pub mod filter;
 pub mod frame;
