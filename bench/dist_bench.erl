@@ -934,8 +934,10 @@ ping_splits() ->
             #{p50_us := AB50, p99_us := AB99} = stats([F || {F, _} <- Splits]),
             #{p50_us := BA50, p99_us := BA99} = stats([B || {_, B} <- Splits]),
             Worst = lists:sublist(lists:reverse(lists:sort([F || {F, _} <- Splits])), 6),
+            %% As text: a JSON list of small integers would read as a string.
             #{a_to_b_p50_us => AB50, a_to_b_p99_us => AB99,
-              a_to_b_worst_us => [round(W / 1000) || W <- Worst],
+              a_to_b_worst_us => iolist_to_binary(
+                                   lists:join(" ", [integer_to_list(round(W / 1000)) || W <- Worst])),
               b_to_a_p50_us => BA50, b_to_a_p99_us => BA99};
         _ -> #{}
     end.
@@ -1241,7 +1243,7 @@ catch_links() ->
 %% of Peer's packets that came first, probes after bursts.
 tail_counters(Peer) ->
     maps:from_list([{K, V} || #{node := N} = L <- catch_links(), N =:= Peer,
-                              K <- [copies_out, copies_used, tail_probes],
+                              K <- [copies_out, copies_used, tail_probes, reopenings],
                               {ok, V} <- [maps:find(K, L)]]).
 
 quic_samples(Sampler, B) ->

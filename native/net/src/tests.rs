@@ -79,7 +79,11 @@ enum Ev {
 struct Events {
     tx: Sender<Ev>,
     rx: Mutex<Option<Receiver<Ev>>>,
+    /// Runs when paused senders are resumed, on the link's writer, before it goes on.
+    on_resume: ResumeHook,
 }
+
+type ResumeHook = Arc<Mutex<Option<Box<dyn Fn() + Send>>>>;
 
 impl Events {
     fn new() -> Arc<Self> {
@@ -87,6 +91,7 @@ impl Events {
         Arc::new(Events {
             tx,
             rx: Mutex::new(Some(rx)),
+            on_resume: Arc::default(),
         })
     }
 
@@ -109,6 +114,12 @@ impl LinkEvents for Events {
     fn closed(&self, reason: &str) {
         let _ = self.tx.send(Ev::Closed(reason.to_owned()));
     }
+    fn resume(&self, _pids: Vec<Vec<u8>>) -> bool {
+        if let Some(hook) = self.on_resume.lock().unwrap().as_ref() {
+            hook();
+        }
+        true
+    }
 }
 
 struct Accepting {
@@ -129,13 +140,15 @@ impl Acceptor for Accepting {
 struct End {
     link: Link,
     rx: Mutex<Receiver<Ev>>,
+    on_resume: ResumeHook,
 }
 
 impl End {
-    fn new(link: Link, rx: Receiver<Ev>) -> Self {
+    fn new(link: Link, events: &Events) -> Self {
         End {
             link,
-            rx: Mutex::new(rx),
+            rx: Mutex::new(events.take_receiver()),
+            on_resume: events.on_resume.clone(),
         }
     }
 
@@ -252,12 +265,11 @@ impl Node {
 
     fn connect_at(&self, addr: SocketAddr, expected: &str) -> Result<End, String> {
         let events = Events::new();
-        let rx = events.take_receiver();
         let (tx, done) = mpsc::channel();
         self.carrier.connect(
             addr,
             expected.to_owned(),
-            events,
+            events.clone(),
             Box::new(move |result| {
                 let _ = tx.send(result);
             }),
@@ -265,7 +277,7 @@ impl Node {
         let result = done
             .recv_timeout(WAIT)
             .expect("connect reports its outcome");
-        result.map(|link| End::new(link, rx))
+        result.map(|link| End::new(link, &events))
     }
 
     fn expect_accepted(&self) -> End {
@@ -273,7 +285,7 @@ impl Node {
             .accepted
             .recv_timeout(WAIT)
             .expect("the acceptor is told of the link");
-        End::new(link, events.take_receiver())
+        End::new(link, &events)
     }
 
     fn assert_nothing_accepted(&self) {
@@ -1111,6 +1123,42 @@ fn lane_copies_from_the_peer_are_taken_only_where_they_continue_their_lane() {
     }
     let why = b_end.closed();
     assert!(why.contains("ends inside a frame"), "{why}");
+}
+
+/// A sender paused at its lane's mark is resumed once the lane drains, and by then the
+/// batch that drained it no longer counts in the link's total: a resumed sender that at
+/// once sends its lane's worth again must not find the link busy, which would hold every
+/// lane's packets in the VM's queue behind the bulk.
+#[test]
+fn when_a_paused_sender_is_resumed_the_drained_bytes_no_longer_count() {
+    let (a, b) = two_nodes(settings(), settings());
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    let (told, resumed) = mpsc::channel::<()>();
+    let (release, wait) = mpsc::channel::<()>();
+    let wait = Mutex::new(wait);
+    *a_end.on_resume.lock().unwrap() = Some(Box::new(move || {
+        let _ = told.send(());
+        let _ = wait.lock().unwrap().recv_timeout(WAIT);
+    }));
+    // 6 MiB from one process, in one write: its lane passes the 4 MiB mark.
+    let bulk = bulk_of(3, 24, 256 * 1024);
+    let frames: Vec<&[u8]> = bulk.iter().map(Vec::as_slice).collect();
+    let _ = a_end.send(&frames);
+    let reader = std::thread::spawn(move || {
+        b_end.receive(24);
+        b_end
+    });
+    resumed
+        .recv_timeout(WAIT)
+        .expect("the sender was paused and resumed");
+    let queued = a_end.link.queued_bytes();
+    release.send(()).unwrap();
+    let _b_end = reader.join().unwrap();
+    // The lane is at or below its low-water mark (1 MiB) when it resumes anyone.
+    assert!(
+        queued <= 1024 * 1024,
+        "{queued} bytes still counted when the sender was resumed"
+    );
 }
 
 /// Before the peer is verified it has no lane to copy: a datagram then ends the
