@@ -743,7 +743,11 @@ impl Link {
     /// Queues packets behind a barrier, whoever sent them: the peer delivers none of them
     /// before everything queued before on any lane (tooling that needs an "everything
     /// before this has been judged" mark on a link, such as the red-team suite). Returns
-    /// false when the caller should wait for [`LinkEvents::writable`], as [`Link::send`].
+    /// false when the link's queue is above its high-water mark. Such a caller is not
+    /// the distribution controller, which alone waits for [`LinkEvents::writable`], so
+    /// this leaves the busy state to the controller's sends: taking it over could clear
+    /// the mark the controller waits on, and the writable that ends its wait would
+    /// never come.
     pub fn send_barrier(&self, frames: Frames) -> bool {
         !self.queue(frames, true).busy
     }
@@ -769,6 +773,9 @@ impl Link {
         let settings = &shared.carrier.settings;
         if queued <= settings.send_high_water {
             return Sent { busy: false, pause };
+        }
+        if all_behind_barrier {
+            return Sent { busy: true, pause };
         }
         shared.blocked.store(true, Ordering::SeqCst);
         // The writers may have drained below low water before `blocked` was visible.
@@ -1599,7 +1606,7 @@ async fn writer(
             // went busy at twice the lane's mark, and held every lane's packets in the
             // VM's queue behind the bulk (a ping beside a 1 MiB transfer under 1 % loss at
             // 50 ms RTT waited about 100 ms, 20 times in 20 s).
-            let queued = shared.queued.fetch_sub(len, Ordering::SeqCst) - len;
+            shared.queued.fetch_sub(len, Ordering::SeqCst);
             // A lane with a backlog yields to the others in QUIC's scheduling: a quiet
             // process's packet goes out before the next bulk chunk.
             let behind = lane_queued > LANE_LOW_WATER;
@@ -1613,7 +1620,9 @@ async fn writer(
                 shared.close(CLOSE_NORMAL, "the distribution controller is gone");
                 return;
             }
-            if queued <= shared.carrier.settings.send_low_water
+            // `queued` again, not the value from before the resume: a resumed sender may
+            // have filled the link past its mark since, and then it stays busy.
+            if shared.queued.load(Ordering::SeqCst) <= shared.carrier.settings.send_low_water
                 && shared.blocked.load(Ordering::SeqCst)
                 && shared.blocked.swap(false, Ordering::SeqCst)
                 && !shared.events.writable()

@@ -79,7 +79,8 @@ enum Ev {
 struct Events {
     tx: Sender<Ev>,
     rx: Mutex<Option<Receiver<Ev>>>,
-    /// Runs when paused senders are resumed, on the link's writer, before it goes on.
+    /// Runs the first time paused senders are resumed, on the link's writer, before it
+    /// goes on.
     on_resume: ResumeHook,
 }
 
@@ -115,7 +116,9 @@ impl LinkEvents for Events {
         let _ = self.tx.send(Ev::Closed(reason.to_owned()));
     }
     fn resume(&self, _pids: Vec<Vec<u8>>) -> bool {
-        if let Some(hook) = self.on_resume.lock().unwrap().as_ref() {
+        // Once: a later resume finds no hook to block on.
+        let hook = self.on_resume.lock().unwrap().take();
+        if let Some(hook) = hook {
             hook();
         }
         true
