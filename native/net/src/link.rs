@@ -1014,33 +1014,23 @@ pub(crate) async fn accept<A: Acceptor>(
                 .on_peer_frame(&first.to_vec())
                 .map_err(|e| fail(&connection, e.to_string()))?;
         }
-        Ok::<_, (Option<quinn::Connection>, String)>((
-            (connection, copies_up),
+        Ok::<_, (Option<quinn::Connection>, String)>(Verified {
+            connection,
+            sharing,
+            copies_up,
             send,
             recv,
             decoder,
             pending,
             guard,
             peer,
-        ))
+        })
     })
     .await;
     match result {
-        Ok(Ok(((connection, copies_up), send, recv, decoder, pending, guard, peer))) => {
-            // Verified: now the peer may use the window its tier allows.
-            open_receive_window(&connection, peer.mode);
+        Ok(Ok(verified)) => {
             let events = acceptor.new_events();
-            let link = spawn_link(
-                carrier,
-                (connection, sharing, copies_up),
-                peer,
-                events.clone(),
-                send,
-                recv,
-                decoder,
-                pending,
-                guard,
-            );
+            let link = spawn_link(carrier, verified, events.clone());
             acceptor.accepted(link, events);
         }
         Ok(Err((connection, why))) => {
@@ -1112,31 +1102,20 @@ pub(crate) async fn connect(
         handshake::check_dialled(&peer.certificate.node, &expected_node)
             .map_err(|e| fail(&connection, e.to_string()))?;
         let guard = NameGuard::new(Side::Connecting, &expected_node);
-        Ok::<_, (Option<quinn::Connection>, String)>((
-            (connection, copies_up),
+        Ok::<_, (Option<quinn::Connection>, String)>(Verified {
+            connection,
+            sharing,
+            copies_up,
             send,
             recv,
             decoder,
             pending,
             guard,
             peer,
-        ))
+        })
     };
     match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(((connection, copies_up), send, recv, decoder, pending, guard, peer))) => {
-            open_receive_window(&connection, peer.mode);
-            Ok(spawn_link(
-                carrier,
-                (connection, sharing, copies_up),
-                peer,
-                events,
-                send,
-                recv,
-                decoder,
-                pending,
-                guard,
-            ))
-        }
+        Ok(Ok(verified)) => Ok(spawn_link(carrier, verified, events)),
         Ok(Err((connection, why))) => {
             if let Some(c) = connection {
                 c.close(quinn::VarInt::from_u32(CLOSE_REFUSED), why.as_bytes());
@@ -1149,18 +1128,38 @@ pub(crate) async fn connect(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn spawn_link(
-    carrier: Arc<CarrierShared>,
-    (connection, sharing, copies_up): (quinn::Connection, Arc<LaneSharing>, CopiesUp),
-    peer: PeerInfo,
-    events: Arc<dyn LinkEvents>,
+/// A connection whose peer passed the identity exchange, on either side, with what the
+/// exchange left on its first stream.
+struct Verified {
+    connection: quinn::Connection,
+    sharing: Arc<LaneSharing>,
+    copies_up: CopiesUp,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     decoder: Deframer,
     pending: VecDeque<Frame>,
     guard: NameGuard,
+    peer: PeerInfo,
+}
+
+fn spawn_link(
+    carrier: Arc<CarrierShared>,
+    verified: Verified,
+    events: Arc<dyn LinkEvents>,
 ) -> Link {
+    let Verified {
+        connection,
+        sharing,
+        copies_up,
+        send,
+        recv,
+        decoder,
+        pending,
+        guard,
+        peer,
+    } = verified;
+    // Verified: now the peer may use the window its tier allows.
+    open_receive_window(&connection, peer.mode);
     let (writer_txs, writer_rxs): (Vec<_>, Vec<_>) =
         (0..LANES).map(|_| mpsc::unbounded_channel()).unzip();
     let (copies_out, copies_to_send) = mpsc::channel(COPIES_QUEUED);
@@ -2071,8 +2070,13 @@ async fn lane_reader(
         if from_copy {
             shared.stats.copies_used.fetch_add(1, Ordering::Relaxed);
         }
+        let fresh = if fresh == 0 {
+            bytes
+        } else {
+            bytes.slice(fresh..)
+        };
         decoder
-            .decode_all_in_order(&bytes.slice(fresh..), &mut frames)
+            .decode_all_in_order(&fresh, &mut frames)
             .map_err(|e| e.to_string())?;
         // A copy is one write, and writes are whole frames: one that ends inside a frame
         // could only build a frame out of many small pieces.

@@ -964,47 +964,23 @@ fn quic_stats<'a>(env: Env<'a>, q: &trust_dist_net::ConnectionStats) -> NifResul
 fn stats<'a>(env: Env<'a>, link: ResourceArc<LinkResource>) -> NifResult<Term<'a>> {
     use std::sync::atomic::Ordering::Relaxed;
     let s = link.link.stats();
-    let pairs: Vec<(Term, Term)> = vec![
-        (
-            atoms::bytes_in().encode(env),
-            s.bytes_in.load(Relaxed).encode(env),
-        ),
-        (
-            atoms::bytes_out().encode(env),
-            s.bytes_out.load(Relaxed).encode(env),
-        ),
-        (
-            atoms::packets_in().encode(env),
-            s.packets_in.load(Relaxed).encode(env),
-        ),
-        (
-            atoms::packets_out().encode(env),
-            s.packets_out.load(Relaxed).encode(env),
-        ),
-        (
-            atoms::ticks_in().encode(env),
-            s.ticks_in.load(Relaxed).encode(env),
-        ),
-        (
-            atoms::ticks_out().encode(env),
-            s.ticks_out.load(Relaxed).encode(env),
-        ),
-        (
-            atoms::tail_probes().encode(env),
-            s.tail_probes.load(Relaxed).encode(env),
-        ),
-        (
-            atoms::copies_out().encode(env),
-            s.copies_out.load(Relaxed).encode(env),
-        ),
-        (
-            atoms::copies_used().encode(env),
-            s.copies_used.load(Relaxed).encode(env),
-        ),
-        (
-            atoms::dropped_in().encode(env),
-            s.dropped_in.load(Relaxed).encode(env),
-        ),
+    let counters = [
+        (atoms::bytes_in(), &s.bytes_in),
+        (atoms::bytes_out(), &s.bytes_out),
+        (atoms::packets_in(), &s.packets_in),
+        (atoms::packets_out(), &s.packets_out),
+        (atoms::ticks_in(), &s.ticks_in),
+        (atoms::ticks_out(), &s.ticks_out),
+        (atoms::tail_probes(), &s.tail_probes),
+        (atoms::copies_out(), &s.copies_out),
+        (atoms::copies_used(), &s.copies_used),
+        (atoms::dropped_in(), &s.dropped_in),
+    ];
+    let mut pairs: Vec<(Term, Term)> = counters
+        .iter()
+        .map(|(name, counter)| (name.encode(env), counter.load(Relaxed).encode(env)))
+        .collect();
+    pairs.extend([
         (
             atoms::queued().encode(env),
             link.link.queued_bytes().encode(env),
@@ -1017,8 +993,7 @@ fn stats<'a>(env: Env<'a>, link: ResourceArc<LinkResource>) -> NifResult<Term<'a
             atoms::reopenings().encode(env),
             link.link.reopenings().encode(env),
         ),
-    ];
-    let mut pairs = pairs;
+    ]);
     pairs.push((
         rustler::Atom::from_str(env, "quic")?.encode(env),
         quic_stats(env, &link.link.quic_stats())?,
