@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use trust_dist_proto::copies;
 use trust_dist_proto::filter::{Counters, Decision, LinkFilter, NodeId, Verdict};
-use trust_dist_proto::frame::{self, Decoded, Frame, FrameDecoder};
+use trust_dist_proto::frame::{self, BodyBuffer, FrameDecoder};
 use trust_dist_proto::handshake::{self, FrameBudget, NameGuard, Side, MAX_HANDSHAKE_FRAME};
 use trust_dist_proto::lanes::{self, Lane, LANES};
 use trust_dist_proto::link::LinkMode;
@@ -55,6 +55,11 @@ const LANE_LOW_WATER: usize = 1024 * 1024;
 /// moves, and a peer that opens every lane cannot multiply what it parks here).
 const LANE_READ_AHEAD: usize = 1024 * 1024;
 const LINK_READ_AHEAD: usize = 4 * 1024 * 1024;
+/// The most a link's lanes hold together in packet buffers allocated at a length the peer
+/// announced, for frames still arriving. Such a frame is copied into its buffer as it
+/// comes; past this, frames are gathered in memory that grows with what arrived, and
+/// copied into their buffer once complete.
+pub(crate) const RESERVED_AHEAD: usize = LINK_READ_AHEAD;
 /// Bytes a lane with nothing outstanding may hand to the VM even when the link's total
 /// credit is used up by other lanes, so a quiet process is never stuck behind bulk ones.
 const IDLE_LANE_ALLOWANCE: usize = 64 * 1024;
@@ -94,6 +99,19 @@ pub trait PacketBuffer: Send + 'static {
 }
 
 pub type Packet = Box<dyn PacketBuffer>;
+
+impl BodyBuffer for Packet {
+    fn bytes(&self) -> &[u8] {
+        PacketBuffer::bytes(&**self)
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        PacketBuffer::bytes_mut(&mut **self)
+    }
+}
+
+/// A frame of the peer's: a slice of a received chunk, or already in a packet buffer.
+type Frame = frame::Frame<Packet>;
+type Decoded = frame::Decoded<Packet>;
 
 impl PacketBuffer for Vec<u8> {
     fn bytes(&self) -> &[u8] {
@@ -504,6 +522,9 @@ pub(crate) struct Shared {
     copies_out: mpsc::Sender<PendingCopy>,
     /// Each lane's copies from the peer, taken by that lane's reader when it starts.
     copies_in: Mutex<Vec<Option<CopyQueue>>>,
+    /// Bytes of packet buffers the lane readers hold for frames still arriving; see
+    /// [`RESERVED_AHEAD`].
+    reserved_in: AtomicUsize,
 }
 
 impl Shared {
@@ -646,6 +667,12 @@ impl Link {
     /// Bytes accepted by [`Link::send`] and not yet written to QUIC.
     pub fn queued_bytes(&self) -> usize {
         self.shared.queued.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of packet buffers held for the peer's frames still arriving.
+    #[cfg(test)]
+    pub(crate) fn reserved_bytes(&self) -> usize {
+        self.shared.reserved_in.load(Ordering::Relaxed)
     }
 
     /// The peer's distribution-handshake name message, once seen and checked.
@@ -806,7 +833,7 @@ impl Link {
 /// The peer's frames, each held to the limit of its place in the exchange (hello,
 /// handshake message, data) before a byte of its body is buffered.
 struct Deframer {
-    decoder: FrameDecoder,
+    decoder: FrameDecoder<Packet>,
     budget: FrameBudget,
 }
 
@@ -819,8 +846,14 @@ impl Deframer {
         }
     }
 
-    /// Frames in order, with those thrown away for the discard limit in their place.
-    fn decode(&mut self, input: &Bytes, out: &mut Vec<Decoded>) -> Result<(), frame::FrameError> {
+    /// Frames in order, with those thrown away for the discard limit in their place;
+    /// `alloc` as for [`FrameDecoder::decode_with`].
+    fn decode(
+        &mut self,
+        input: &Bytes,
+        out: &mut Vec<Decoded>,
+        alloc: &mut impl FnMut(usize) -> Option<Packet>,
+    ) -> Result<(), frame::FrameError> {
         let mut at = 0;
         loop {
             // One call completes a frame or throws one away, never both.
@@ -834,7 +867,7 @@ impl Deframer {
                 return Ok(());
             }
             self.decoder.set_max_len(self.budget.limit());
-            let (used, frame) = self.decoder.decode(&input.slice(at..))?;
+            let (used, frame) = self.decoder.decode_with(&input.slice(at..), alloc)?;
             at += used;
             if let Some(frame) = frame {
                 self.budget.frame_done();
@@ -846,6 +879,11 @@ impl Deframer {
     /// Bytes of a frame still being received.
     fn partial_bytes(&self) -> usize {
         self.decoder.buffered()
+    }
+
+    /// Bytes of packet buffer held for a frame still being received.
+    fn reserved(&self) -> usize {
+        self.decoder.reserved()
     }
 
     /// From now on, data frames longer than `len` are dropped unbuffered.
@@ -872,7 +910,7 @@ async fn read_frames(
                         .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
                 }
                 decoder
-                    .decode(&chunk.bytes, &mut frames)
+                    .decode(&chunk.bytes, &mut frames, &mut |_| None)
                     .map_err(|e| e.to_string())?;
                 for unit in frames.drain(..) {
                     match unit {
@@ -1219,6 +1257,7 @@ fn spawn_link(
         started: tokio::sync::Notify::new(),
         copies_out,
         copies_in: Mutex::new(copy_rxs),
+        reserved_in: AtomicUsize::new(0),
     });
     if let Ok(mut links) = shared.carrier.links.lock() {
         links.retain(|l| l.strong_count() > 0);
@@ -1984,6 +2023,57 @@ async fn tick_reader(shared: &Shared, mut stream: quinn::RecvStream) {
     }
 }
 
+/// One lane reader's share of [`RESERVED_AHEAD`]: the packet buffer its decoder fills
+/// for the frame under way, if it has one.
+struct Reservation<'a> {
+    shared: &'a Shared,
+    held: usize,
+}
+
+impl<'a> Reservation<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        Reservation { shared, held: 0 }
+    }
+
+    /// The decoder's allocator: a packet buffer of the frame's size, while the link's
+    /// reservations leave room for it.
+    fn alloc(&self) -> impl FnMut(usize) -> Option<Packet> + 'a {
+        let (shared, held) = (self.shared, self.held);
+        move |len| {
+            // The decoder asks only once the frame it was filling is complete, so what
+            // this lane held is about to be given back.
+            let others = shared
+                .reserved_in
+                .load(Ordering::Relaxed)
+                .saturating_sub(held);
+            if others.saturating_add(len) > RESERVED_AHEAD {
+                return None;
+            }
+            shared.events.packet_buffer(len)
+        }
+    }
+
+    /// Brings the link's count up to what the lane's decoder holds now.
+    fn settle(&mut self, now: usize) {
+        if now > self.held {
+            self.shared
+                .reserved_in
+                .fetch_add(now - self.held, Ordering::Relaxed);
+        } else {
+            self.shared
+                .reserved_in
+                .fetch_sub(self.held - now, Ordering::Relaxed);
+        }
+        self.held = now;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.settle(0);
+    }
+}
+
 /// Reads one lane's stream into the inbox, at most [`LANE_READ_AHEAD`] ahead of the VM,
 /// until the peer finishes it. Returns why the link must close, if it must.
 async fn lane_reader(
@@ -2005,7 +2095,8 @@ async fn lane_reader(
             _ = shared.connection.closed() => return Ok(()),
         }
     }
-    let mut decoder = FrameDecoder::new(shared.carrier.settings.max_frame);
+    let mut decoder = FrameDecoder::<Packet>::new(shared.carrier.settings.max_frame);
+    let mut reservation = Reservation::new(shared);
     if let Ok(Some(filter)) = shared.filter.lock().as_deref() {
         decoder
             .set_discard_above(u32::try_from(filter.policy().max_message_size).unwrap_or(u32::MAX));
@@ -2076,8 +2167,9 @@ async fn lane_reader(
             bytes.slice(fresh..)
         };
         decoder
-            .decode_all_in_order(&fresh, &mut frames)
+            .decode_all_in_order_with(&fresh, &mut frames, &mut reservation.alloc())
             .map_err(|e| e.to_string())?;
+        reservation.settle(decoder.reserved());
         // A copy is one write, and writes are whole frames: one that ends inside a frame
         // could only build a frame out of many small pieces.
         if from_copy && !decoder.is_idle() {
@@ -2328,18 +2420,20 @@ fn marker_counts(frame: &Frame) -> Option<[u64; LANES]> {
     if frame.len() != lanes::BARRIER_BYTES {
         return None;
     }
-    lanes::decode_barrier(&frame.to_vec())
+    lanes::decode_barrier(frame.bytes())
 }
 
 fn is_barrier(frame: &Frame) -> bool {
-    frame
-        .pieces()
-        .first()
-        .is_some_and(|first| lanes::is_barrier(first))
+    lanes::is_barrier(frame.bytes())
 }
 
-/// A frame's one copy: out of QUIC's buffers into memory the layer above chose.
+/// A frame in memory the layer above chose: where it already is, or its one copy out
+/// of QUIC's buffers (a second one for a frame that had to be gathered).
 fn into_packet(shared: &Shared, frame: Frame) -> Result<Packet, String> {
+    let frame = match frame {
+        frame::Frame::Filled(packet) => return Ok(packet),
+        frame => frame,
+    };
     let mut packet = shared
         .events
         .packet_buffer(frame.len())
@@ -2347,7 +2441,7 @@ fn into_packet(shared: &Shared, frame: Frame) -> Result<Packet, String> {
     if packet.bytes().len() != frame.len() {
         return Err("the packet buffer given is not the size asked for".into());
     }
-    frame.copy_to(packet.bytes_mut());
+    packet.bytes_mut().copy_from_slice(frame.bytes());
     Ok(packet)
 }
 
@@ -2502,11 +2596,12 @@ async fn reader(
     // frames still pending behind it are checked here, as are all frames on the
     // connecting side.
     let mut checked = pending.len().min(usize::from(guard.is_done()));
+    let mut reservation = Reservation::new(shared);
     let mut frames = Vec::new();
     let mut ended: Option<(u32, String)> = None;
     loop {
         while checked < pending.len() && !guard.is_done() {
-            if let Err(e) = guard.on_peer_frame(&pending[checked].to_vec()) {
+            if let Err(e) = guard.on_peer_frame(pending[checked].bytes()) {
                 return (CLOSE_REFUSED, e.to_string());
             }
             checked += 1;
@@ -2626,7 +2721,15 @@ async fn reader(
             chunk = recv.read_chunk(READ_CHUNK, true), if want_read => match chunk {
                 Ok(Some(chunk)) => {
                     shared.stats.bytes_in.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-                    if let Err(e) = decoder.decode(&chunk.bytes, &mut frames) {
+                    // Packet buffers only for the data phase's frames: the handshake's
+                    // go up as lists, and are small.
+                    let decoded = if in_data {
+                        decoder.decode(&chunk.bytes, &mut frames, &mut reservation.alloc())
+                    } else {
+                        decoder.decode(&chunk.bytes, &mut frames, &mut |_| None)
+                    };
+                    reservation.settle(decoder.reserved());
+                    if let Err(e) = decoded {
                         return (CLOSE_PROTOCOL, e.to_string());
                     }
                     let mut thrown = Vec::new();

@@ -733,6 +733,71 @@ fn large_packets_arrive_intact() {
     assert_eq!(got_sums, sums);
 }
 
+/// A frame that spans chunks is copied into its packet buffer as it arrives while the
+/// link's reservations leave room, else gathered and copied once complete. Either way
+/// each process's messages arrive whole and in order, the reservations stay within
+/// their bound, and all of them are given back.
+#[test]
+fn large_packets_on_many_lanes_arrive_intact_beyond_what_may_be_reserved() {
+    let (a, b) = two_nodes(settings(), settings());
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    const SENDERS: u32 = 8;
+    const EACH: usize = 6;
+    let per_sender: Vec<Vec<Vec<u8>>> = (1..=SENDERS)
+        .map(|pid| {
+            (0..EACH as u64)
+                .map(|i| {
+                    send_sender(
+                        pid,
+                        &noise((u64::from(pid) * 1000 + i) * 2 + 1, 1536 * 1024),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    // One message of each sender in turn, so that many lanes carry a frame at once.
+    let packets: Vec<Vec<u8>> = (0..EACH)
+        .flat_map(|i| per_sender.iter().map(move |sent| sent[i].clone()))
+        .collect();
+    let most_reserved = AtomicUsize::new(0);
+    let done = AtomicBool::new(false);
+    let got = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                most_reserved.fetch_max(b_end.link.reserved_bytes(), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        });
+        let receiver = s.spawn(|| b_end.receive(packets.len()));
+        a_end.send_all(&packets, SENDERS as usize);
+        let got = receiver.join().unwrap();
+        done.store(true, Ordering::SeqCst);
+        got
+    });
+    for sent in &per_sender {
+        let at: Vec<usize> = sent
+            .iter()
+            .map(|m| {
+                got.iter()
+                    .position(|g| g == m)
+                    .expect("every message arrives whole")
+            })
+            .collect();
+        assert!(
+            at.windows(2).all(|w| w[0] < w[1]),
+            "a sender's order: {at:?}"
+        );
+    }
+    let most = most_reserved.load(Ordering::SeqCst);
+    assert!(most > 0, "no frame was filled as it arrived");
+    assert!(most <= crate::link::RESERVED_AHEAD, "{most} bytes reserved");
+    assert_eq!(
+        b_end.link.reserved_bytes(),
+        0,
+        "reservations not given back"
+    );
+}
+
 /// The congestion window stays near what the path needs during a bulk transfer (see
 /// `congestion.rs`): quinn's own BBR let it grow to gigabytes on loopback, and megabytes
 /// of one lane then queued ahead of every other lane's packets.

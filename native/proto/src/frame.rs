@@ -2,16 +2,25 @@
 //! by that many bytes; a length of 0 is a tick. Handshake messages use the same framing.
 //!
 //! [`FrameDecoder`] is sans-IO: feed it whatever chunks the transport delivers, take whole
-//! frames out. It never allocates by the length a peer announces, and it never copies a
-//! body: a [`Frame`] is the slices of the transport's own buffers that hold it, so the one
-//! copy a packet costs is the one into its final home (for the NIF, a VM binary of
-//! exactly its size). A length above the limit is an error before any byte of the body is
-//! read.
+//! frames out. A length above the limit is an error before any byte of the body is read.
+//!
+//! A body that arrives within one chunk comes out as a slice of that chunk. A body that
+//! spans chunks is copied, as its pieces arrive, into memory the caller gives (for the
+//! NIF, the VM binary of exactly its size that it ends up in), so each byte is still
+//! copied once. It is never held as slices of the transport's buffers: a slice keeps its
+//! whole receive buffer alive, and a peer sending one body byte per packet (or per
+//! batch of coalesced packets) would make the bytes counted against its read-ahead pin a
+//! hundred or a thousand times as much memory. The decoder allocates by a length the
+//! peer announces only through the caller's allocator, which decides how much it grants;
+//! without it, a body is gathered in memory that grows with what has arrived.
 
 use bytes::Bytes;
 
 /// Bytes of the length prefix.
 pub const HEADER_BYTES: usize = 4;
+
+/// The most a gathered body's first allocation takes on the announced length's word.
+const GATHER_FIRST: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -25,62 +34,85 @@ pub fn header(len: u32) -> [u8; HEADER_BYTES] {
     len.to_be_bytes()
 }
 
-/// One whole frame's body, as the pieces of the input chunks that carried it, in order.
-#[derive(Debug, Clone, Default)]
-pub struct Frame {
-    pieces: Vec<Bytes>,
-    len: usize,
+/// Memory of a fixed size that a body is copied into as it arrives.
+pub trait BodyBuffer {
+    fn bytes(&self) -> &[u8];
+    fn bytes_mut(&mut self) -> &mut [u8];
 }
 
-impl Frame {
-    fn push(&mut self, piece: Bytes) {
-        self.len += piece.len();
-        self.pieces.push(piece);
+impl BodyBuffer for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
     }
-
-    pub fn len(&self) -> usize {
-        self.len
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self
     }
+}
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+/// One whole frame's body.
+#[derive(Debug)]
+pub enum Frame<B = Vec<u8>> {
+    /// It arrived within one input chunk: a slice of it, nothing copied.
+    Slice(Bytes),
+    /// It spanned chunks and was copied into memory the caller's allocator gave.
+    Filled(B),
+    /// It spanned chunks and was copied into memory of the decoder's own.
+    Gathered(Vec<u8>),
+}
+
+impl<B> Default for Frame<B> {
+    fn default() -> Self {
+        Frame::Slice(Bytes::new())
     }
+}
 
-    pub fn pieces(&self) -> &[Bytes] {
-        &self.pieces
-    }
-
-    /// Copies the body into `out`, which must be exactly [`Frame::len`] bytes long.
-    pub fn copy_to(&self, out: &mut [u8]) {
-        debug_assert_eq!(out.len(), self.len);
-        let mut at = 0;
-        for piece in &self.pieces {
-            let end = (at + piece.len()).min(out.len());
-            out[at..end].copy_from_slice(&piece[..end - at]);
-            at = end;
+impl<B: BodyBuffer> Frame<B> {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Frame::Slice(bytes) => bytes,
+            Frame::Filled(buf) => buf.bytes(),
+            Frame::Gathered(vec) => vec,
         }
     }
 
+    pub fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes().is_empty()
+    }
+
     pub fn to_vec(&self) -> Vec<u8> {
-        self.pieces.concat()
+        self.bytes().to_vec()
     }
 }
 
 /// One unit of a stream, in order: a whole frame, or the length of one thrown away.
 #[derive(Debug)]
-pub enum Decoded {
-    Frame(Frame),
+pub enum Decoded<B = Vec<u8>> {
+    Frame(Frame<B>),
     Discarded(usize),
 }
 
+/// The body of the frame under way.
 #[derive(Debug)]
-pub struct FrameDecoder {
+enum Partial<B> {
+    /// Between frames (or reading a header).
+    None,
+    /// `filled` bytes of the caller's buffer, which is the body's size, are in.
+    Filled { buf: B, filled: usize },
+    /// What has arrived, in memory that grows with it up to the body's size.
+    Gathered(Vec<u8>),
+}
+
+#[derive(Debug)]
+pub struct FrameDecoder<B = Vec<u8>> {
     max_len: u32,
     header: [u8; HEADER_BYTES],
     header_filled: usize,
-    body: Frame,
+    body: Partial<B>,
     body_len: usize,
-    in_body: bool,
     /// Frames longer than this (and within `max_len`) are skipped as they arrive, never
     /// buffered; see [`FrameDecoder::set_discard_above`].
     discard_above: u32,
@@ -88,15 +120,19 @@ pub struct FrameDecoder {
     discarded: Vec<usize>,
 }
 
-impl FrameDecoder {
+/// An allocator that grants nothing: bodies that span chunks are gathered.
+fn gather<B>(_len: usize) -> Option<B> {
+    None
+}
+
+impl<B: BodyBuffer> FrameDecoder<B> {
     pub fn new(max_len: u32) -> Self {
         FrameDecoder {
             max_len,
             header: [0; HEADER_BYTES],
             header_filled: 0,
-            body: Frame::default(),
+            body: Partial::None,
             body_len: 0,
-            in_body: false,
             discard_above: u32::MAX,
             skip_left: 0,
             discarded: Vec::new(),
@@ -111,11 +147,10 @@ impl FrameDecoder {
         self.discard_above = len;
         // A frame already under way that is over the new limit is dropped too: what is
         // buffered goes, the rest is skipped as it comes.
-        if self.in_body && self.body_len > len as usize {
+        if self.in_body() && self.body_len > len as usize {
             self.discarded.push(self.body_len);
-            self.skip_left = self.body_len - self.body.len();
-            self.body = Frame::default();
-            self.in_body = false;
+            self.skip_left = self.body_len - self.buffered();
+            self.body = Partial::None;
         }
     }
 
@@ -129,31 +164,55 @@ impl FrameDecoder {
         self.max_len = max_len;
     }
 
-    /// Bytes of a partial frame held (header and body so far).
+    fn in_body(&self) -> bool {
+        !matches!(self.body, Partial::None)
+    }
+
+    /// Bytes of a partial frame received so far (header and body so far).
     pub fn buffered(&self) -> usize {
-        if self.in_body {
-            self.body.len()
-        } else {
-            self.header_filled
+        match &self.body {
+            Partial::None => self.header_filled,
+            Partial::Filled { filled, .. } => *filled,
+            Partial::Gathered(vec) => vec.len(),
+        }
+    }
+
+    /// Bytes of memory from the caller's allocator that the frame under way holds (its
+    /// whole size, however much of it has arrived).
+    pub fn reserved(&self) -> usize {
+        match &self.body {
+            Partial::Filled { .. } => self.body_len,
+            _ => 0,
         }
     }
 
     /// True when no partial frame is buffered.
     pub fn is_idle(&self) -> bool {
-        self.header_filled == 0 && !self.in_body && self.skip_left == 0
+        self.header_filled == 0 && !self.in_body() && self.skip_left == 0
     }
 
     /// Consumes bytes from `input`, returning how many were used and a frame if one was
-    /// completed. Call again with the rest of `input` until it is used up. The frame
-    /// shares `input`'s memory; nothing is copied.
-    pub fn decode(&mut self, input: &Bytes) -> Result<(usize, Option<Frame>), FrameError> {
+    /// completed. Call again with the rest of `input` until it is used up. Bodies that
+    /// span chunks are gathered in the decoder's own memory.
+    pub fn decode(&mut self, input: &Bytes) -> Result<(usize, Option<Frame<B>>), FrameError> {
+        self.decode_with(input, &mut gather)
+    }
+
+    /// [`FrameDecoder::decode`], with `alloc` asked for memory of a body's exact size
+    /// when a body does not end in `input`. It may return `None` (the body is then
+    /// gathered); memory of another size is not used.
+    pub fn decode_with(
+        &mut self,
+        input: &Bytes,
+        alloc: &mut impl FnMut(usize) -> Option<B>,
+    ) -> Result<(usize, Option<Frame<B>>), FrameError> {
         let mut used = 0;
         if self.skip_left > 0 {
             let take = self.skip_left.min(input.len());
             self.skip_left -= take;
             return Ok((take, None));
         }
-        if !self.in_body {
+        if !self.in_body() {
             let take = (HEADER_BYTES - self.header_filled).min(input.len());
             self.header[self.header_filled..self.header_filled + take]
                 .copy_from_slice(&input[..take]);
@@ -175,17 +234,47 @@ impl FrameDecoder {
                 self.skip_left = len as usize;
                 return Ok((used, None));
             }
-            self.body_len = len as usize;
-            self.in_body = true;
+            let len = len as usize;
+            if input.len() - used >= len {
+                return Ok((
+                    used + len,
+                    Some(Frame::Slice(input.slice(used..used + len))),
+                ));
+            }
+            self.body_len = len;
+            self.body = match alloc(len) {
+                Some(buf) if buf.bytes().len() == len => Partial::Filled { buf, filled: 0 },
+                _ => Partial::Gathered(Vec::with_capacity(len.min(GATHER_FIRST))),
+            };
         }
-        let take = (self.body_len - self.body.len()).min(input.len() - used);
-        if take > 0 {
-            self.body.push(input.slice(used..used + take));
-        }
+        let take = (self.body_len - self.buffered()).min(input.len() - used);
+        let part = &input[used..used + take];
         used += take;
-        if self.body.len() == self.body_len {
-            self.in_body = false;
-            return Ok((used, Some(std::mem::take(&mut self.body))));
+        match &mut self.body {
+            Partial::None => {}
+            Partial::Filled { buf, filled } => {
+                buf.bytes_mut()[*filled..*filled + take].copy_from_slice(part);
+                *filled += take;
+            }
+            Partial::Gathered(vec) => {
+                if vec.capacity() - vec.len() < take {
+                    // Grows to twice what has arrived at most, never past the body's
+                    // size: what it takes follows what the peer has really sent.
+                    let want = (vec.len() + take)
+                        .max(vec.capacity() * 2)
+                        .min(self.body_len);
+                    vec.reserve_exact(want - vec.len());
+                }
+                vec.extend_from_slice(part);
+            }
+        }
+        if self.buffered() == self.body_len {
+            let frame = match std::mem::replace(&mut self.body, Partial::None) {
+                Partial::Filled { buf, .. } => Frame::Filled(buf),
+                Partial::Gathered(vec) => Frame::Gathered(vec),
+                Partial::None => Frame::default(),
+            };
+            return Ok((used, Some(frame)));
         }
         Ok((used, None))
     }
@@ -196,7 +285,18 @@ impl FrameDecoder {
     pub fn decode_all_in_order(
         &mut self,
         input: &Bytes,
-        out: &mut Vec<Decoded>,
+        out: &mut Vec<Decoded<B>>,
+    ) -> Result<(), FrameError> {
+        self.decode_all_in_order_with(input, out, &mut gather)
+    }
+
+    /// [`FrameDecoder::decode_all_in_order`] with an allocator, as for
+    /// [`FrameDecoder::decode_with`].
+    pub fn decode_all_in_order_with(
+        &mut self,
+        input: &Bytes,
+        out: &mut Vec<Decoded<B>>,
+        alloc: &mut impl FnMut(usize) -> Option<B>,
     ) -> Result<(), FrameError> {
         let mut at = 0;
         loop {
@@ -205,7 +305,7 @@ impl FrameDecoder {
             if at >= input.len() {
                 return Ok(());
             }
-            let (used, frame) = self.decode(&input.slice(at..))?;
+            let (used, frame) = self.decode_with(&input.slice(at..), alloc)?;
             if let Some(frame) = frame {
                 out.push(Decoded::Frame(frame));
             }
@@ -214,7 +314,7 @@ impl FrameDecoder {
     }
 
     /// Decodes every whole frame in `input`, in order, buffering any partial rest.
-    pub fn decode_all(&mut self, input: &Bytes, out: &mut Vec<Frame>) -> Result<(), FrameError> {
+    pub fn decode_all(&mut self, input: &Bytes, out: &mut Vec<Frame<B>>) -> Result<(), FrameError> {
         let mut at = 0;
         while at < input.len() {
             let (used, frame) = self.decode(&input.slice(at..))?;
@@ -296,25 +396,112 @@ mod tests {
     }
 
     #[test]
-    fn frames_are_slices_of_the_input_never_copies() {
-        let input = Bytes::from(encode(&[vec![1; 10], vec![2; 3000], vec![3; 5]]));
-        let mut d = FrameDecoder::new(1 << 20);
+    fn a_body_within_one_chunk_is_a_slice_of_it() {
+        let input = Bytes::from(encode(&[vec![1; 10], vec![2; 3000]]));
+        let mut d = FrameDecoder::<Vec<u8>>::new(1 << 20);
         let mut out = Vec::new();
-        for at in (0..input.len()).step_by(1000) {
-            let chunk = input.slice(at..(at + 1000).min(input.len()));
-            d.decode_all(&chunk, &mut out).expect("within limit");
-        }
-        assert_eq!(bodies(&out), vec![vec![1; 10], vec![2; 3000], vec![3; 5]]);
+        d.decode_all(&input, &mut out).expect("within limit");
         let range = input.as_ptr_range();
-        for piece in out.iter().flat_map(Frame::pieces) {
-            let inside = piece.as_ptr_range();
+        for frame in &out {
+            assert!(matches!(frame, Frame::Slice(_)));
+            let inside = frame.bytes().as_ptr_range();
             assert!(range.start <= inside.start && inside.end <= range.end);
         }
-        assert_eq!(
-            out[1].pieces().len(),
-            4,
-            "a frame over four chunks is their four slices"
-        );
+    }
+
+    /// Each chunk a slice of a receive buffer much larger than it, as QUIC's are.
+    fn chunks_of_big_buffers(bytes: &[u8], step: usize) -> Vec<(Bytes, Bytes)> {
+        bytes
+            .chunks(step)
+            .map(|part| {
+                let mut buffer = vec![0u8; 64 * 1024];
+                buffer[..part.len()].copy_from_slice(part);
+                let buffer = Bytes::from(buffer);
+                (buffer.slice(..part.len()), buffer)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_body_across_chunks_keeps_none_of_their_buffers() {
+        let input = encode(&[vec![5; 3000], vec![6; 7]]);
+        for with_alloc in [false, true] {
+            let mut d = FrameDecoder::<Vec<u8>>::new(1 << 20);
+            let mut out = Vec::new();
+            let mut buffers = Vec::new();
+            for (chunk, buffer) in chunks_of_big_buffers(&input, 3) {
+                d.decode_all_in_order_with(&chunk, &mut out, &mut |len| {
+                    with_alloc.then(|| vec![0; len])
+                })
+                .expect("within limit");
+                buffers.push(buffer);
+            }
+            let bodies: Vec<Vec<u8>> = out
+                .iter()
+                .map(|u| match u {
+                    Decoded::Frame(f) => f.to_vec(),
+                    Decoded::Discarded(_) => Vec::new(),
+                })
+                .collect();
+            assert_eq!(bodies, vec![vec![5; 3000], vec![6; 7]]);
+            assert!(
+                matches!(
+                    &out[0],
+                    Decoded::Frame(Frame::Filled(_)) if with_alloc
+                ) || matches!(&out[0], Decoded::Frame(Frame::Gathered(_)) if !with_alloc)
+            );
+            for buffer in &mut buffers {
+                assert!(buffer.is_unique(), "a receive buffer is still referenced");
+            }
+        }
+    }
+
+    #[test]
+    fn the_callers_memory_is_used_only_at_the_bodys_size() {
+        let input = Bytes::from(encode(&[vec![9; 100]]));
+        let mut d = FrameDecoder::<Vec<u8>>::new(1 << 20);
+        let mut asked = Vec::new();
+        let mut wrong_size = |len: usize| {
+            asked.push(len);
+            Some(vec![0; len + 1])
+        };
+        let (used, frame) = d.decode_with(&input.slice(..50), &mut wrong_size).unwrap();
+        assert_eq!((used, frame.is_none()), (50, true));
+        assert_eq!(d.reserved(), 0, "memory of the wrong size is not kept");
+        let (_, frame) = d.decode_with(&input.slice(50..), &mut wrong_size).unwrap();
+        assert!(matches!(frame, Some(Frame::Gathered(ref v)) if v == &vec![9; 100]));
+        assert_eq!(asked, vec![100]);
+
+        let mut d = FrameDecoder::<Vec<u8>>::new(1 << 20);
+        d.decode_with(&input.slice(..50), &mut |len| Some(vec![0; len]))
+            .unwrap();
+        assert_eq!((d.reserved(), d.buffered()), (100, 46));
+        let (_, frame) = d
+            .decode_with(&input.slice(50..), &mut |_| {
+                panic!("one body, one allocation")
+            })
+            .unwrap();
+        assert!(matches!(frame, Some(Frame::Filled(ref v)) if v == &vec![9; 100]));
+        assert_eq!(d.reserved(), 0);
+    }
+
+    #[test]
+    fn gathered_memory_follows_what_arrived_not_what_was_announced() {
+        let announced = 100 << 20;
+        let mut d = FrameDecoder::<Vec<u8>>::new(announced);
+        let mut head = header(announced).to_vec();
+        head.extend_from_slice(&[1; 10]);
+        d.decode(&Bytes::from(head)).unwrap();
+        let capacity = |d: &FrameDecoder| match &d.body {
+            Partial::Gathered(v) => v.capacity(),
+            _ => 0,
+        };
+        assert!(capacity(&d) <= GATHER_FIRST);
+        for _ in 0..100 {
+            d.decode(&Bytes::from(vec![2u8; 7000])).unwrap();
+            assert!(capacity(&d) <= (2 * d.buffered()).max(GATHER_FIRST));
+        }
+        assert_eq!(d.buffered(), 10 + 100 * 7000);
     }
 
     #[test]
@@ -329,7 +516,7 @@ mod tests {
 
     #[test]
     fn oversized_length_is_refused_before_the_body() {
-        let mut d = FrameDecoder::new(1024);
+        let mut d = FrameDecoder::<Vec<u8>>::new(1024);
         let mut out = Vec::new();
         assert_eq!(
             d.decode_all(&Bytes::from_static(&[0xff, 0xff, 0xff, 0xff]), &mut out),
@@ -347,18 +534,27 @@ mod tests {
             cuts in proptest::collection::vec(1usize..50, 1..40),
         ) {
             let bytes = encode(&frames);
-            let mut d = FrameDecoder::new(1000);
-            let mut out = Vec::new();
-            let mut rest = &bytes[..];
-            let mut i = 0;
-            while !rest.is_empty() {
-                let n = cuts[i % cuts.len()].min(rest.len());
-                d.decode_all(&Bytes::copy_from_slice(&rest[..n]), &mut out).expect("within limit");
-                rest = &rest[n..];
-                i += 1;
+            for with_alloc in [false, true] {
+                let mut d = FrameDecoder::new(1000);
+                let mut out = Vec::new();
+                let mut rest = &bytes[..];
+                let mut i = 0;
+                while !rest.is_empty() {
+                    let n = cuts[i % cuts.len()].min(rest.len());
+                    d.decode_all_in_order_with(&Bytes::copy_from_slice(&rest[..n]), &mut out, &mut |len| {
+                        with_alloc.then(|| vec![0; len])
+                    }).expect("within limit");
+                    prop_assert!(d.reserved() <= 1000);
+                    rest = &rest[n..];
+                    i += 1;
+                }
+                let out: Vec<Frame> = out.into_iter().filter_map(|u| match u {
+                    Decoded::Frame(f) => Some(f),
+                    Decoded::Discarded(_) => None,
+                }).collect();
+                prop_assert_eq!(bodies(&out), frames.clone());
+                prop_assert!(d.is_idle());
             }
-            prop_assert_eq!(bodies(&out), frames);
-            prop_assert!(d.is_idle());
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The stream framing: frames come out the same however the bytes are chunked, and
-//! nothing is buffered beyond the limit. Every frame is also read as a lane's barrier
+//! The stream framing: frames come out the same however the bytes are chunked, whether
+//! bodies that span chunks fill the caller's memory or the decoder's own, and nothing is
+//! buffered beyond the limit. Every frame is also read as a lane's barrier
 //! marker would be (a peer chooses what its frames hold).
 //!
 //! Input: `[max_len:2, discard_above:2, chunk_seed, bytes...]`.
@@ -7,11 +8,17 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use trust_dist_proto::frame::{Decoded, FrameDecoder, HEADER_BYTES};
+use trust_dist_proto::frame::{Decoded, Frame, FrameDecoder, HEADER_BYTES};
 use trust_dist_proto::lanes;
 
-fn run(max: u32, discard: u32, input: &[u8], chunks: &[usize]) -> (Vec<Vec<u8>>, Vec<usize>, bool) {
-    let mut d = FrameDecoder::new(max);
+fn run(
+    max: u32,
+    discard: u32,
+    input: &[u8],
+    chunks: &[usize],
+    grant: bool,
+) -> (Vec<Vec<u8>>, Vec<usize>, bool) {
+    let mut d = FrameDecoder::<Vec<u8>>::new(max);
     d.set_discard_above(discard);
     let mut frames = Vec::new();
     let mut discarded = Vec::new();
@@ -28,16 +35,21 @@ fn run(max: u32, discard: u32, input: &[u8], chunks: &[usize]) -> (Vec<Vec<u8>>,
         i += 1;
         let mut chunk = rest.split_to(n);
         while !chunk.is_empty() {
-            match d.decode(&chunk) {
+            match d.decode_with(&chunk, &mut |len| grant.then(|| vec![0; len])) {
                 Ok((used, frame)) => {
                     assert!(used <= chunk.len());
                     assert!(used > 0, "progress");
                     if let Some(f) = frame {
                         assert!(f.len() as u64 <= u64::from(max.min(discard)));
-                        // A frame is slices of the input, never a copy.
-                        for piece in f.pieces() {
-                            let at = piece.as_ptr() as usize;
-                            assert!(at >= base && at + piece.len() <= base + input.len());
+                        // A body within one chunk is a slice of it; one across chunks
+                        // was copied into the memory granted, if any.
+                        match &f {
+                            Frame::Slice(s) => {
+                                let at = s.as_ptr() as usize;
+                                assert!(at >= base && at + s.len() <= base + input.len());
+                            }
+                            Frame::Filled(_) => assert!(grant),
+                            Frame::Gathered(_) => assert!(!grant),
                         }
                         frames.push(f.to_vec());
                     }
@@ -46,6 +58,7 @@ fn run(max: u32, discard: u32, input: &[u8], chunks: &[usize]) -> (Vec<Vec<u8>>,
                 Err(_) => return (frames, discarded, true),
             }
             assert!(d.buffered() <= (max as usize).max(HEADER_BYTES));
+            assert!(d.reserved() <= max as usize);
             discarded.extend(d.take_discarded());
         }
     }
@@ -58,16 +71,18 @@ fuzz_target!(|data: &[u8]| {
     };
     let max = u32::from(u16::from_be_bytes([*a, *b]));
     let discard = u32::from(u16::from_be_bytes([*c, *e]));
-    let whole = run(max, discard, input, &[input.len()]);
-    let bytewise = run(max, discard, input, &[1]);
+    let whole = run(max, discard, input, &[input.len()], false);
+    let bytewise = run(max, discard, input, &[1], false);
+    let granted = run(max, discard, input, &[1], true);
     let seeded: Vec<usize> = (0..8)
         .map(|k| usize::from(seed.rotate_left(k)) % 13 + 1)
         .collect();
-    let chunked = run(max, discard, input, &seeded);
+    let chunked = run(max, discard, input, &seeded, seed & 1 == 1);
     assert_eq!(whole, bytewise);
+    assert_eq!(whole, granted);
     assert_eq!(whole, chunked);
     // decode_all agrees.
-    let mut d = FrameDecoder::new(max);
+    let mut d = FrameDecoder::<Vec<u8>>::new(max);
     d.set_discard_above(discard);
     let mut out = Vec::new();
     let r = d.decode_all(&Bytes::copy_from_slice(input), &mut out);
@@ -77,7 +92,7 @@ fuzz_target!(|data: &[u8]| {
     // decode_all_in_order hands out the same frames and discards, and a discard is
     // never later than a frame that came after it: frames and discards, byte by byte
     // as they are found, give the order.
-    let mut d = FrameDecoder::new(max);
+    let mut d = FrameDecoder::<Vec<u8>>::new(max);
     d.set_discard_above(discard);
     let mut units = Vec::new();
     let r = d.decode_all_in_order(&Bytes::copy_from_slice(input), &mut units);
@@ -92,7 +107,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(frames, whole.0);
     if !whole.2 {
         assert_eq!(thrown, whole.1);
-        let mut d = FrameDecoder::new(max);
+        let mut d = FrameDecoder::<Vec<u8>>::new(max);
         d.set_discard_above(discard);
         let mut order = Vec::new();
         for at in 0..input.len() {
