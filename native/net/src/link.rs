@@ -892,6 +892,15 @@ impl Deframer {
     }
 }
 
+/// A frame to be kept a while, in memory of its own: a slice of a chunk would keep the
+/// whole receive buffer under it alive, and [`PRE_START_BUFFER`] counts only the frame.
+fn owned(frame: Frame) -> Frame {
+    match frame {
+        frame::Frame::Slice(bytes) => frame::Frame::Gathered(bytes.to_vec()),
+        frame => frame,
+    }
+}
+
 /// Reads frames until `pending` holds at least `want` of them.
 async fn read_frames(
     recv: &mut quinn::RecvStream,
@@ -914,7 +923,7 @@ async fn read_frames(
                     .map_err(|e| e.to_string())?;
                 for unit in frames.drain(..) {
                     match unit {
-                        Decoded::Frame(frame) => pending.push_back(frame),
+                        Decoded::Frame(frame) => pending.push_back(owned(frame)),
                         // The discard limit is set when the data phase starts.
                         Decoded::Discarded(_) => {
                             return Err("a frame was discarded before the data phase".into())
@@ -2023,48 +2032,56 @@ async fn tick_reader(shared: &Shared, mut stream: quinn::RecvStream) {
     }
 }
 
-/// One lane reader's share of [`RESERVED_AHEAD`]: the packet buffer its decoder fills
-/// for the frame under way, if it has one.
+/// One stream reader's share of [`RESERVED_AHEAD`] (a lane's, or lane 0's): the packet
+/// buffer its decoder fills for the frame under way, if it has one.
 struct Reservation<'a> {
     shared: &'a Shared,
-    held: usize,
+    held: std::cell::Cell<usize>,
 }
 
 impl<'a> Reservation<'a> {
     fn new(shared: &'a Shared) -> Self {
-        Reservation { shared, held: 0 }
-    }
-
-    /// The decoder's allocator: a packet buffer of the frame's size, while the link's
-    /// reservations leave room for it.
-    fn alloc(&self) -> impl FnMut(usize) -> Option<Packet> + 'a {
-        let (shared, held) = (self.shared, self.held);
-        move |len| {
-            // The decoder asks only once the frame it was filling is complete, so what
-            // this lane held is about to be given back.
-            let others = shared
-                .reserved_in
-                .load(Ordering::Relaxed)
-                .saturating_sub(held);
-            if others.saturating_add(len) > RESERVED_AHEAD {
-                return None;
-            }
-            shared.events.packet_buffer(len)
+        Reservation {
+            shared,
+            held: std::cell::Cell::new(0),
         }
     }
 
-    /// Brings the link's count up to what the lane's decoder holds now.
-    fn settle(&mut self, now: usize) {
-        if now > self.held {
+    /// The decoder's allocator: a packet buffer of the frame's size, if the link's
+    /// reservations leave room for it, reserved at once.
+    fn alloc(&self) -> impl FnMut(usize) -> Option<Packet> + '_ {
+        move |len| {
+            // The decoder asks only once the frame it was filling is complete, so what
+            // this reader held is given back in the same step.
+            let held = self.held.get();
             self.shared
                 .reserved_in
-                .fetch_add(now - self.held, Ordering::Relaxed);
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |total| {
+                    let next = total.saturating_sub(held).saturating_add(len);
+                    (next <= RESERVED_AHEAD).then_some(next)
+                })
+                .ok()?;
+            self.held.set(len);
+            let buffer = self.shared.events.packet_buffer(len);
+            if buffer.is_none() {
+                self.settle(0);
+            }
+            buffer
+        }
+    }
+
+    /// Brings the link's count to what this reader's decoder holds now.
+    fn settle(&self, now: usize) {
+        let held = self.held.replace(now);
+        if now > held {
+            self.shared
+                .reserved_in
+                .fetch_add(now - held, Ordering::SeqCst);
         } else {
             self.shared
                 .reserved_in
-                .fetch_sub(self.held - now, Ordering::Relaxed);
+                .fetch_sub(held - now, Ordering::SeqCst);
         }
-        self.held = now;
     }
 }
 
@@ -2096,7 +2113,7 @@ async fn lane_reader(
         }
     }
     let mut decoder = FrameDecoder::<Packet>::new(shared.carrier.settings.max_frame);
-    let mut reservation = Reservation::new(shared);
+    let reservation = Reservation::new(shared);
     if let Ok(Some(filter)) = shared.filter.lock().as_deref() {
         decoder
             .set_discard_above(u32::try_from(filter.policy().max_message_size).unwrap_or(u32::MAX));
@@ -2414,8 +2431,7 @@ fn lane0_to_inbox_locked(
     Ok(())
 }
 
-/// A barrier marker's counts; `None` if it is malformed. The size is checked before the
-/// frame is put together, so a peer's huge frame is never copied for this.
+/// A barrier marker's counts; `None` if it is malformed.
 fn marker_counts(frame: &Frame) -> Option<[u64; LANES]> {
     if frame.len() != lanes::BARRIER_BYTES {
         return None;
@@ -2596,7 +2612,7 @@ async fn reader(
     // frames still pending behind it are checked here, as are all frames on the
     // connecting side.
     let mut checked = pending.len().min(usize::from(guard.is_done()));
-    let mut reservation = Reservation::new(shared);
+    let reservation = Reservation::new(shared);
     let mut frames = Vec::new();
     let mut ended: Option<(u32, String)> = None;
     loop {
@@ -2738,7 +2754,10 @@ async fn reader(
                             Decoded::Frame(frame) if frame.is_empty() => {
                                 shared.stats.ticks_in.fetch_add(1, Ordering::Relaxed);
                             }
-                            Decoded::Frame(frame) => pending.push_back(frame),
+                            // In the data phase the next pass takes it into a packet
+                            // buffer; before, it may wait a while.
+                            Decoded::Frame(frame) if in_data => pending.push_back(frame),
+                            Decoded::Frame(frame) => pending.push_back(owned(frame)),
                             // Only in the data phase (its start sets the limit): what came
                             // before goes into the inbox first, so the frame thrown away
                             // still counts in lane 0's order where it was, for barriers.
