@@ -1790,11 +1790,6 @@ const COPY_MAX_BYTES: usize = 1024;
 const COPY_DELAY_DIVISOR: u32 = 16;
 const COPY_DELAY_MIN: std::time::Duration = std::time::Duration::from_millis(1);
 const COPY_DELAY_MAX: std::time::Duration = std::time::Duration::from_millis(10);
-/// Copies a link sends at most, per second and in a burst: copies are for the sparse,
-/// latency-bound messages (calls, replies, pings), and a stream of small writes costs
-/// at most this much extra (about 140 KB/s).
-const COPIES_PER_SECOND: f64 = 128.0;
-const COPY_BURST: f64 = 32.0;
 /// Copies waiting for their time, per link, and received copies waiting for their lane.
 const COPIES_QUEUED: usize = 64;
 const COPIES_QUEUED_PER_LANE: usize = 8;
@@ -1850,25 +1845,17 @@ fn lane_copy(
     })
 }
 
-/// Packets the connection must have sent since a write before its copy goes, unless it
-/// sent none for [`COPY_PACKET_CHECK`] after sending some: QUIC puts datagrams ahead of
-/// stream data in a packet, so a copy queued while its write still waited for the window
-/// would share that write's packet, and its loss. A lane at least as urgent as the
-/// others has its next frame in one of the next two packets. In a one-off experiment
-/// (pings beside a bulk transfer through a relay with 1 % loss and 20 ms each way, 480
-/// pings in 20 s), 4 pings took about two round trips with the delay alone, 1 with this
-/// rule.
-const COPY_AFTER_PACKETS: u64 = 3;
-/// How long a due copy waits for those packets at most, and how often it looks.
+/// How long a due copy waits for its write to leave at most (see
+/// [`copies::write_has_left`]), and how often it looks.
 const COPY_WAIT_FOR_PACKETS: std::time::Duration = std::time::Duration::from_millis(20);
 const COPY_PACKET_CHECK: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// Sends each lane copy when it is due, within [`COPIES_PER_SECOND`].
+/// Sends each lane copy when it is due and its write has left, as [`copies::CopyPacer`]
+/// allows.
 async fn send_copies(shared: Arc<Shared>, mut copies: mpsc::Receiver<PendingCopy>) {
     let closed = shared.connection.closed();
     tokio::pin!(closed);
-    let mut tokens = COPY_BURST;
-    let mut refilled = std::time::Instant::now();
+    let mut pacer = copies::CopyPacer::new(std::time::Instant::now());
     loop {
         let copy = tokio::select! {
             _ = &mut closed => return,
@@ -1881,11 +1868,10 @@ async fn send_copies(shared: Arc<Shared>, mut copies: mpsc::Receiver<PendingCopy
             _ = &mut closed => return,
             _ = tokio::time::sleep_until(copy.due.into()) => {}
         }
-        // Until the write has left: a few packets since it, or, where the link went
-        // quiet after it, any.
         let waited_since = std::time::Instant::now();
         let mut sent = shared.connection.stats().path.sent_packets;
-        while sent < copy.sent_before + COPY_AFTER_PACKETS
+        let mut quiet = false;
+        while !copies::write_has_left(copy.sent_before, sent, quiet)
             && waited_since.elapsed() < COPY_WAIT_FOR_PACKETS
         {
             tokio::select! {
@@ -1893,19 +1879,12 @@ async fn send_copies(shared: Arc<Shared>, mut copies: mpsc::Receiver<PendingCopy
                 _ = tokio::time::sleep(COPY_PACKET_CHECK) => {}
             }
             let now_sent = shared.connection.stats().path.sent_packets;
-            if now_sent == sent && now_sent > copy.sent_before {
-                break;
-            }
+            quiet = now_sent == sent;
             sent = now_sent;
         }
-        let now = std::time::Instant::now();
-        tokens = (tokens + now.duration_since(refilled).as_secs_f64() * COPIES_PER_SECOND)
-            .min(COPY_BURST);
-        refilled = now;
-        if tokens < 1.0 || now >= copy.stale {
+        if !pacer.admit(std::time::Instant::now(), copy.stale) {
             continue;
         }
-        tokens -= 1.0;
         if shared.connection.send_datagram(copy.datagram).is_ok() {
             shared.stats.copies_out.fetch_add(1, Ordering::Relaxed);
         }
