@@ -10,6 +10,7 @@
 //! [`LinkEvents`] and [`Acceptor`] traits, implemented by the NIF.
 #![forbid(unsafe_code)]
 
+pub mod answer;
 mod congestion;
 mod frames;
 mod link;
