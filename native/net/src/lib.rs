@@ -10,7 +10,6 @@
 //! [`LinkEvents`] and [`Acceptor`] traits, implemented by the NIF.
 #![forbid(unsafe_code)]
 
-pub mod answer;
 mod congestion;
 mod frames;
 mod link;

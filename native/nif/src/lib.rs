@@ -9,10 +9,8 @@ use rustler::{
 };
 use std::any::Any;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use trust_dist_net::answer::AnswerWait;
 use trust_dist_net::{
     Acceptor, Carrier, DenialReport, Frames, FramesBuilder, Level, Link, LinkEvents, Log,
     NodeIdentity, Packet, PacketBuffer, PeerInfo, Settings,
@@ -103,10 +101,6 @@ impl PacketBuffer for VmPacket {
 /// `packets`): a message, a reply or a signal someone may be waiting for. Batches of
 /// large messages alone do not yield; a bulk transfer of small messages still does.
 const WAITED_FOR_PACKET: usize = 4096;
-/// Calls of send/2 (the controller's packets): an answer the transport thread may be
-/// waiting for ([`ANSWERS`]).
-static SENDS: AtomicU64 = AtomicU64::new(0);
-static ANSWERS: AnswerWait = AnswerWait::new();
 
 /// A received packet as a term: the VM binary it was read into, or a copy of packets the
 /// transport built itself (a filter's rewrite).
@@ -154,10 +148,6 @@ impl LinkEvents for BeamEvents {
             return false;
         };
         let waited_for = packets.iter().any(|p| p.bytes().len() < WAITED_FOR_PACKET);
-        // Taken before the VM has the packets: its answer can come before this thread
-        // would look (a first version, which looked after, made the round trip no
-        // shorter).
-        let sends_before = SENDS.load(Ordering::SeqCst);
         let mut env = OwnedEnv::new();
         let mut allocated = true;
         let sent = env.send_and_clear(&pid, |env| {
@@ -180,17 +170,11 @@ impl LinkEvents for BeamEvents {
         // core up here lets it run now: under a 1 MiB bulk transfer on the same link, the
         // median ping round trip fell from 1.9-6.3 ms to 0.34-0.48 ms (`make
         // contention`, three runs each); without contention the call returns at once.
-        // Then, while the VM tends to answer at once, this thread stays awake for the
-        // answer rather than be woken for it (trust_dist_net::answer).
         // Only for a batch with a packet someone may be waiting for: each yield also keeps
         // this thread, and the acknowledgements it sends, off the core, and a bulk
         // transfer's window (`congestion.rs`) waits for those.
         if waited_for {
-            if ANSWERS.worth_waiting() {
-                ANSWERS.wait(|| SENDS.load(Ordering::SeqCst) != sends_before);
-            } else {
-                std::thread::yield_now();
-            }
+            std::thread::yield_now();
         }
         sent.is_ok() && allocated
     }
@@ -763,7 +747,6 @@ fn send<'a>(
     link: ResourceArc<LinkResource>,
     packets: Vec<Term<'a>>,
 ) -> NifResult<Term<'a>> {
-    SENDS.fetch_add(1, Ordering::SeqCst);
     let frames = frame_packets(&packets)?;
     let sent = link.link.send_frames(frames);
     let status = if sent.busy {
