@@ -1058,7 +1058,7 @@ pub(crate) async fn accept<A: Acceptor>(
         let mut guard = NameGuard::new(Side::Accepting, &peer.certificate.node);
         if let Some(first) = pending.front() {
             guard
-                .on_peer_frame(&first.to_vec())
+                .on_peer_frame(first.bytes())
                 .map_err(|e| fail(&connection, e.to_string()))?;
         }
         Ok::<_, (Option<quinn::Connection>, String)>(Verified {

@@ -740,8 +740,7 @@ fn large_packets_arrive_intact() {
 /// 9-11 MiB at once; with it, the frames beyond 4 MiB are the gathered ones.)
 #[test]
 fn large_packets_on_many_lanes_arrive_intact_beyond_what_may_be_reserved() {
-    let (a, b) = two_nodes(settings(), settings());
-    let (a_end, b_end) = link_up(&a, &b, A, B);
+    let (_nodes, a_end, b_end) = link_to_b_with(settings());
     const SENDERS: u32 = 8;
     const EACH: usize = 6;
     let per_sender: Vec<Vec<Vec<u8>>> = (1..=SENDERS)
@@ -1089,8 +1088,7 @@ fn a_small_write_whose_packet_is_lost_arrives_by_its_copy() {
             s.copies_used.load(Ordering::Relaxed),
         )
     };
-    let (a, b) = two_nodes(settings(), settings());
-    let (a_end, b_end) = link_up(&a, &b, A, B);
+    let (_nodes, a_end, b_end) = link_to_b_with(settings());
     for i in 0..3 {
         let packet = send_sender(3, &numbered(i, 200));
         assert!(a_end.send(&[&packet]));
@@ -1201,8 +1199,7 @@ fn lane_copies_from_the_peer_are_taken_only_where_they_continue_their_lane() {
 /// lane's packets in the VM's queue behind the bulk.
 #[test]
 fn when_a_paused_sender_is_resumed_the_drained_bytes_no_longer_count() {
-    let (a, b) = two_nodes(settings(), settings());
-    let (a_end, b_end) = link_up(&a, &b, A, B);
+    let (_nodes, a_end, b_end) = link_to_b_with(settings());
     let (told, resumed) = mpsc::channel::<()>();
     let (release, wait) = mpsc::channel::<()>();
     let wait = Mutex::new(wait);
