@@ -543,37 +543,39 @@ impl RawClient {
         bytes: Option<Vec<u8>>,
         finish: bool,
     ) -> Result<String, String> {
-        let endpoint = self.endpoint.clone();
-        self.runtime.block_on(async move {
-            let attempt = async {
-                let connection = endpoint
-                    .connect(to, "trust-dist")
-                    .map_err(|e| e.to_string())?
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let (mut send, _recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-                if let Some(bytes) = bytes {
-                    send.write_all(&bytes).await.map_err(|e| e.to_string())?;
-                }
-                if finish {
-                    send.finish().map_err(|e| e.to_string())?;
-                }
-                Ok(match connection.closed().await {
-                    quinn::ConnectionError::ApplicationClosed(close) => {
-                        String::from_utf8_lossy(&close.reason).into_owned()
-                    }
-                    other => other.to_string(),
-                })
-            };
-            tokio::time::timeout(WAIT, attempt)
-                .await
-                .unwrap_or_else(|_| panic!("the server did not end the connection"))
+        self.until_closed(to, |connection| async move {
+            let (mut send, _recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+            if let Some(bytes) = bytes {
+                send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            }
+            if finish {
+                send.finish().map_err(|e| e.to_string())?;
+            }
+            // Kept until the end: a stream dropped unfinished would be finished by quinn.
+            Ok(send)
         })
     }
 
     /// Connects to `to`, sends one datagram (a well-formed lane copy) before anything
     /// else, and returns the server's close reason.
     fn datagram_and_wait(&self, to: SocketAddr) -> Result<String, String> {
+        self.until_closed(to, |connection| async move {
+            let mut copy = trust_dist_proto::copies::header(3, 1).to_vec();
+            copy.extend_from_slice(&framed(b"early"));
+            connection
+                .send_datagram(Bytes::from(copy))
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// Connects to `to`, does `act` on the connection (keeping what it returns), and
+    /// returns the reason the server gave when it ended the connection (or why it never
+    /// came up).
+    fn until_closed<F, Fut, T>(&self, to: SocketAddr, act: F) -> Result<String, String>
+    where
+        F: FnOnce(quinn::Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
         let endpoint = self.endpoint.clone();
         self.runtime.block_on(async move {
             let attempt = async {
@@ -582,11 +584,7 @@ impl RawClient {
                     .map_err(|e| e.to_string())?
                     .await
                     .map_err(|e| e.to_string())?;
-                let mut copy = trust_dist_proto::copies::header(3, 1).to_vec();
-                copy.extend_from_slice(&framed(b"early"));
-                connection
-                    .send_datagram(Bytes::from(copy))
-                    .map_err(|e| e.to_string())?;
+                let _kept = act(connection.clone()).await?;
                 Ok(match connection.closed().await {
                     quinn::ConnectionError::ApplicationClosed(close) => {
                         String::from_utf8_lossy(&close.reason).into_owned()
