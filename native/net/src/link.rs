@@ -2689,10 +2689,12 @@ async fn reader(
                     pending.iter().map(Frame::len).sum::<usize>() + decoder.partial_bytes()
                         < PRE_START_BUFFER
                 }
+                // Lane 0 obeys the same marks as the other lanes, its frame under way
+                // counted with theirs.
                 Some(_) => shared
                     .inbox
                     .lock()
-                    .map(|inbox| inbox.bytes[0] < LANE_READ_AHEAD)
+                    .map(|inbox| inbox.may_read(0))
                     .unwrap_or(false),
             };
         let in_data = link.is_some();
@@ -2726,6 +2728,20 @@ async fn reader(
                     reservation.settle(decoder.reserved());
                     if let Err(e) = decoded {
                         return (CLOSE_PROTOCOL, e.to_string());
+                    }
+                    if in_data {
+                        let others_may_read = match shared.inbox.lock() {
+                            Ok(mut inbox) => {
+                                inbox.partial[0] = decoder.partial_bytes();
+                                inbox.over_mark()
+                            }
+                            Err(_) => return (CLOSE_PROTOCOL, "link inbox lost".into()),
+                        };
+                        // Over the link's mark, which lane may read next depends on what
+                        // every lane holds, lane 0's frame under way among them.
+                        if others_may_read {
+                            shared.room.notify_waiters();
+                        }
                     }
                     let mut thrown = Vec::new();
                     for unit in frames.drain(..) {
@@ -2824,6 +2840,23 @@ mod inbox_tests {
         // Once the barrier has what it counts, the furthest lane that can use more goes on.
         inbox.delivered[5] = 1;
         assert!(inbox.may_read(6) && !inbox.may_read(5));
+    }
+
+    #[test]
+    fn lane_0s_frame_under_way_counts_with_the_others() {
+        let mut inbox = Inbox::default();
+        for lane in 1..=3 {
+            inbox.bytes[lane] = LANE_READ_AHEAD - 1;
+        }
+        inbox.partial[4] = 1;
+        assert!(!inbox.over_mark());
+        inbox.partial[0] = 2 * LANE_READ_AHEAD;
+        assert!(inbox.over_mark());
+        assert!(!inbox.may_read(4), "lane 0 is further into its frame");
+        assert!(inbox.may_read(0));
+        // Behind a barrier it cannot use what it reads: the next furthest goes on.
+        inbox.push(0, Item::Barrier(Box::new([u64::MAX; LANES])));
+        assert!(!inbox.may_read(0) && inbox.may_read(4));
     }
 
     #[test]

@@ -1521,6 +1521,64 @@ fn downs_by_name_keep_their_place_among_their_process_s_other_signals() {
     assert_eq!(a_end.link.lanes_in_use(), trust_dist_proto::lanes::LANES);
 }
 
+/// Lane 0's frame under way counts against the link's read-ahead as every lane's does:
+/// with the link over its mark and lane 0 waiting behind a barrier for packets the VM has
+/// not taken, lane 0 does not read on into a large frame (before, it read all of it, as
+/// far as the frame limit, beside the 4 MiB the other lanes hold).
+#[test]
+fn lane_0_reads_within_the_links_mark_as_every_lane_does() {
+    let (_nodes, a_end, b_end) = credit_limited_link(256 * 1024);
+    // Eight processes, 768 KiB each: more than the link's 4 MiB mark.
+    let bulk: Vec<Vec<u8>> = (100..108)
+        .flat_map(|pid| bulk_of(pid, 12, 64 * 1024))
+        .collect();
+    let _ = a_end.send(&bulk.iter().map(Vec::as_slice).collect::<Vec<_>>());
+    let before = bytes_in_once_settled(&b_end);
+    assert!(
+        before >= 4 * 1024 * 1024,
+        "b read only {before} bytes of the bulk: the link never reached its mark"
+    );
+    // A packet without a sender: lane 0, behind a barrier that waits for the bulk.
+    let large = send_without_sender(&noise(7, 6 * 1024 * 1024));
+    let _ = a_end.send(&[&large]);
+    let read_on = bytes_in_once_settled(&b_end) - before;
+    assert!(
+        read_on < 1024 * 1024,
+        "b read {read_on} more bytes, of a frame it cannot hand up, beyond the link's mark\n{}",
+        b_end.link.lanes_report()
+    );
+    // Once the VM takes what it was given, everything comes, the large packet last.
+    let got = b_end.receive(bulk.len() + 1);
+    assert!(
+        got.last() == Some(&large),
+        "the packet behind the barrier came early"
+    );
+    for pid in 100..108 {
+        let sent = bulk_of(pid, 12, 64 * 1024);
+        let came: Vec<&Vec<u8>> = got.iter().filter(|p| sent.contains(p)).collect();
+        assert!(
+            came.into_iter().eq(sent.iter()),
+            "process {pid}'s packets reordered"
+        );
+    }
+}
+
+/// What `end`'s link has received once it has received nothing more for [`QUIET`].
+fn bytes_in_once_settled(end: &End) -> u64 {
+    let started = Instant::now();
+    let mut last = end.link.stats().bytes_in.load(Ordering::SeqCst);
+    let mut still_since = Instant::now();
+    while still_since.elapsed() < QUIET {
+        assert!(started.elapsed() < WAIT, "the link never stopped receiving");
+        std::thread::sleep(Duration::from_millis(20));
+        let now = end.link.stats().bytes_in.load(Ordering::SeqCst);
+        if now != last {
+            (last, still_since) = (now, Instant::now());
+        }
+    }
+    last
+}
+
 /// Lanes held back by fences, each holding a full lane's read-ahead and part of a large
 /// frame, while lane 0 waits behind the barrier of a DOWN by name for a bulk lane that
 /// the receiving VM has not taken yet: the link's read-ahead is over its mark, and the bulk
