@@ -58,7 +58,7 @@ const LINK_READ_AHEAD: usize = 4 * 1024 * 1024;
 /// The most a link's lanes hold together in packet buffers allocated at a length the peer
 /// announced, for frames still arriving. Such a frame is copied into its buffer as it
 /// comes; past this, frames are gathered in memory that grows with what arrived, and
-/// copied into their buffer once complete.
+/// moved into a packet buffer (not counted here) once half of them has come.
 pub(crate) const RESERVED_AHEAD: usize = LINK_READ_AHEAD;
 /// Bytes a lane with nothing outstanding may hand to the VM even when the link's total
 /// credit is used up by other lanes, so a quiet process is never stuck behind bulk ones.
@@ -852,7 +852,7 @@ impl Deframer {
         &mut self,
         input: &Bytes,
         out: &mut Vec<Decoded>,
-        alloc: &mut impl FnMut(usize) -> Option<Packet>,
+        alloc: &mut impl FnMut(frame::Ask) -> Option<Packet>,
     ) -> Result<(), frame::FrameError> {
         let mut at = 0;
         loop {
@@ -2026,10 +2026,16 @@ impl<'a> Reservation<'a> {
         }
     }
 
-    /// The decoder's allocator: a packet buffer of the frame's size, if the link's
-    /// reservations leave room for it, reserved at once.
-    fn alloc(&self) -> impl FnMut(usize) -> Option<Packet> + '_ {
-        move |len| {
+    /// The decoder's allocator: a packet buffer of the frame's size, reserved at once if
+    /// it is lent ahead and the link's reservations leave room for it. One given for
+    /// what has arrived (half the frame or more) is not counted: it takes no more than
+    /// the memory it replaces.
+    fn alloc(&self) -> impl FnMut(frame::Ask) -> Option<Packet> + '_ {
+        move |ask| {
+            let len = match ask {
+                frame::Ask::Ahead(len) => len,
+                frame::Ask::Earned(len) => return self.shared.events.packet_buffer(len),
+            };
             // The decoder asks only once the frame it was filling is complete, so what
             // this reader held is given back in the same step.
             let held = self.held.get();
@@ -2423,7 +2429,8 @@ fn is_barrier(frame: &Frame) -> bool {
 }
 
 /// A frame in memory the layer above chose: where it already is, or its one copy out
-/// of QUIC's buffers (a second one for a frame that had to be gathered).
+/// of QUIC's buffers (a second one for a frame gathered and never moved into a packet
+/// buffer: one that fit in its first gathering memory, or for which the VM gave none).
 fn into_packet(shared: &Shared, frame: Frame) -> Result<Packet, String> {
     let frame = match frame {
         frame::Frame::Filled(packet) => return Ok(packet),

@@ -11,9 +11,11 @@
 //! its whole receive buffer alive, and a peer sending one body byte per packet (or per
 //! batch of coalesced packets) would make the bytes counted against its read-ahead pin a
 //! hundred or a thousand times as much memory. The decoder allocates by a length the
-//! peer announces only through the caller's allocator, which decides how much it grants;
-//! without it, a body is gathered in memory that grows with what has arrived (at most
-//! twice that, or 64 KiB), and the caller copies it once more when it is complete.
+//! peer announces only through the caller's allocator, which decides how much it grants
+//! ([`Ask::Ahead`]); without it, a body is gathered in memory that grows with what has
+//! arrived (at most twice that, or 64 KiB). When that memory would grow to the body's
+//! whole size, at least half has arrived, and the decoder asks for the caller's memory
+//! again in its place ([`Ask::Earned`]), so only the first half is copied twice.
 
 use bytes::Bytes;
 
@@ -33,6 +35,26 @@ pub enum FrameError {
 /// Writes the length prefix of a frame of `len` bytes.
 pub fn header(len: u32) -> [u8; HEADER_BYTES] {
     len.to_be_bytes()
+}
+
+/// What the decoder asks its caller's allocator for: memory of exactly a body's length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// Before the body's bytes have come, on the length the peer announced: the caller
+    /// decides how much it lends on a peer's word.
+    Ahead(usize),
+    /// In place of growing the memory a body is gathered in to the body's whole length,
+    /// which happens only once at least half of it has come: it costs no more memory than
+    /// that growth would, and the caller copies nothing when the body is complete.
+    Earned(usize),
+}
+
+impl Ask {
+    pub fn body_len(self) -> usize {
+        match self {
+            Ask::Ahead(len) | Ask::Earned(len) => len,
+        }
+    }
 }
 
 /// Memory of a fixed size that a body is copied into as it arrives.
@@ -101,8 +123,9 @@ pub enum Decoded<B = Vec<u8>> {
 enum Partial<B> {
     /// Between frames (or reading a header).
     None,
-    /// `filled` bytes of the caller's buffer, which is the body's size, are in.
-    Filled { buf: B, filled: usize },
+    /// `filled` bytes of the caller's buffer, which is the body's size, are in; `earned`
+    /// if it was given for what had arrived ([`Ask::Earned`]), not lent ahead.
+    Filled { buf: B, filled: usize, earned: bool },
     /// What has arrived, in memory that grows with it up to the body's size.
     Gathered(Vec<u8>),
 }
@@ -119,10 +142,23 @@ pub struct FrameDecoder<B = Vec<u8>> {
     discard_above: u32,
     skip_left: usize,
     discarded: Vec<usize>,
+    /// The most a gathered body's first allocation takes.
+    gather_first: usize,
+}
+
+/// The capacity memory gathering a body of `body_len` bytes grows to before `take` more
+/// bytes go in, if it must grow: twice what has arrived at most, never past the body's
+/// size, so what it takes follows what the peer has really sent.
+fn growth(gathered: &Vec<u8>, take: usize, body_len: usize) -> Option<usize> {
+    (gathered.capacity() - gathered.len() < take).then(|| {
+        (gathered.len() + take)
+            .max(gathered.capacity() * 2)
+            .min(body_len)
+    })
 }
 
 /// An allocator that grants nothing: bodies that span chunks are gathered.
-fn gather<B>(_len: usize) -> Option<B> {
+fn gather<B>(_ask: Ask) -> Option<B> {
     None
 }
 
@@ -137,7 +173,15 @@ impl<B: BodyBuffer> FrameDecoder<B> {
             discard_above: u32::MAX,
             skip_left: 0,
             discarded: Vec::new(),
+            gather_first: GATHER_FIRST,
         }
+    }
+
+    /// Lowers the first allocation for a gathered body from 64 KiB, so that tests and
+    /// fuzzing reach the growth (and [`Ask::Earned`]) with small frames.
+    #[doc(hidden)]
+    pub fn set_gather_first(&mut self, len: usize) {
+        self.gather_first = len.max(1);
     }
 
     /// Frames longer than `len` bytes are dropped without being buffered: their bytes
@@ -178,11 +222,11 @@ impl<B: BodyBuffer> FrameDecoder<B> {
         }
     }
 
-    /// Bytes of memory from the caller's allocator that the frame under way holds (its
+    /// Bytes of memory lent ahead by the caller's allocator that the frame under way holds (its
     /// whole size, however much of it has arrived).
     pub fn reserved(&self) -> usize {
         match &self.body {
-            Partial::Filled { .. } => self.body_len,
+            Partial::Filled { earned: false, .. } => self.body_len,
             _ => 0,
         }
     }
@@ -200,12 +244,13 @@ impl<B: BodyBuffer> FrameDecoder<B> {
     }
 
     /// [`FrameDecoder::decode`], with `alloc` asked for memory of a body's exact size
-    /// when a body does not end in `input`. It may return `None` (the body is then
-    /// gathered); memory of another size is not used.
+    /// when a body does not end in `input`, and again ([`Ask::Earned`]) when a body
+    /// gathered instead would grow to its whole size. It may return `None` (the body is
+    /// then gathered); memory of another size is not used.
     pub fn decode_with(
         &mut self,
         input: &Bytes,
-        alloc: &mut impl FnMut(usize) -> Option<B>,
+        alloc: &mut impl FnMut(Ask) -> Option<B>,
     ) -> Result<(usize, Option<Frame<B>>), FrameError> {
         let mut used = 0;
         if self.skip_left > 0 {
@@ -243,28 +288,32 @@ impl<B: BodyBuffer> FrameDecoder<B> {
                 ));
             }
             self.body_len = len;
-            self.body = match alloc(len) {
-                Some(buf) if buf.bytes().len() == len => Partial::Filled { buf, filled: 0 },
-                _ => Partial::Gathered(Vec::with_capacity(len.min(GATHER_FIRST))),
+            self.body = match alloc(Ask::Ahead(len)) {
+                Some(buf) if buf.bytes().len() == len => Partial::Filled {
+                    buf,
+                    filled: 0,
+                    earned: false,
+                },
+                _ => Partial::Gathered(Vec::with_capacity(len.min(self.gather_first))),
             };
         }
         let take = (self.body_len - self.buffered()).min(input.len() - used);
         let part = &input[used..used + take];
         used += take;
+        if let Partial::Gathered(vec) = &self.body {
+            if growth(vec, take, self.body_len) == Some(self.body_len) {
+                self.fill_earned(alloc);
+            }
+        }
         match &mut self.body {
             Partial::None => {}
-            Partial::Filled { buf, filled } => {
+            Partial::Filled { buf, filled, .. } => {
                 buf.bytes_mut()[*filled..*filled + take].copy_from_slice(part);
                 *filled += take;
             }
             Partial::Gathered(vec) => {
-                if vec.capacity() - vec.len() < take {
-                    // Grows to twice what has arrived at most, never past the body's
-                    // size: what it takes follows what the peer has really sent.
-                    let want = (vec.len() + take)
-                        .max(vec.capacity() * 2)
-                        .min(self.body_len);
-                    vec.reserve_exact(want - vec.len());
+                if let Some(capacity) = growth(vec, take, self.body_len) {
+                    vec.reserve_exact(capacity - vec.len());
                 }
                 vec.extend_from_slice(part);
             }
@@ -278,6 +327,25 @@ impl<B: BodyBuffer> FrameDecoder<B> {
             return Ok((used, Some(frame)));
         }
         Ok((used, None))
+    }
+
+    /// Moves the gathered body into the caller's memory, if it gives some of the body's
+    /// size.
+    fn fill_earned(&mut self, alloc: &mut impl FnMut(Ask) -> Option<B>) {
+        let Some(mut buf) = alloc(Ask::Earned(self.body_len)) else {
+            return;
+        };
+        if buf.bytes().len() != self.body_len {
+            return;
+        }
+        if let Partial::Gathered(vec) = &self.body {
+            buf.bytes_mut()[..vec.len()].copy_from_slice(vec);
+            self.body = Partial::Filled {
+                buf,
+                filled: vec.len(),
+                earned: true,
+            };
+        }
     }
 
     /// Like [`FrameDecoder::decode_all`], with the frames thrown away for the discard
@@ -297,7 +365,7 @@ impl<B: BodyBuffer> FrameDecoder<B> {
         &mut self,
         input: &Bytes,
         out: &mut Vec<Decoded<B>>,
-        alloc: &mut impl FnMut(usize) -> Option<B>,
+        alloc: &mut impl FnMut(Ask) -> Option<B>,
     ) -> Result<(), FrameError> {
         let mut at = 0;
         loop {
@@ -431,8 +499,8 @@ mod tests {
             let mut out = Vec::new();
             let mut buffers = Vec::new();
             for (chunk, buffer) in chunks_of_big_buffers(&input, 3) {
-                d.decode_all_in_order_with(&chunk, &mut out, &mut |len| {
-                    with_alloc.then(|| vec![0; len])
+                d.decode_all_in_order_with(&chunk, &mut out, &mut |ask| {
+                    with_alloc.then(|| vec![0; ask.body_len()])
                 })
                 .expect("within limit");
                 buffers.push(buffer);
@@ -462,19 +530,19 @@ mod tests {
         let input = Bytes::from(encode(&[vec![9; 100]]));
         let mut d = FrameDecoder::<Vec<u8>>::new(1 << 20);
         let mut asked = Vec::new();
-        let mut wrong_size = |len: usize| {
-            asked.push(len);
-            Some(vec![0; len + 1])
+        let mut wrong_size = |ask: Ask| {
+            asked.push(ask);
+            Some(vec![0; ask.body_len() + 1])
         };
         let (used, frame) = d.decode_with(&input.slice(..50), &mut wrong_size).unwrap();
         assert_eq!((used, frame.is_none()), (50, true));
         assert_eq!(d.reserved(), 0, "memory of the wrong size is not kept");
         let (_, frame) = d.decode_with(&input.slice(50..), &mut wrong_size).unwrap();
         assert!(matches!(frame, Some(Frame::Gathered(ref v)) if v == &vec![9; 100]));
-        assert_eq!(asked, vec![100]);
+        assert_eq!(asked, vec![Ask::Ahead(100)]);
 
         let mut d = FrameDecoder::<Vec<u8>>::new(1 << 20);
-        d.decode_with(&input.slice(..50), &mut |len| Some(vec![0; len]))
+        d.decode_with(&input.slice(..50), &mut |ask| Some(vec![0; ask.body_len()]))
             .unwrap();
         assert_eq!((d.reserved(), d.buffered()), (100, 46));
         let (_, frame) = d
@@ -503,6 +571,52 @@ mod tests {
             assert!(capacity(&d) <= (2 * d.buffered()).max(GATHER_FIRST));
         }
         assert_eq!(d.buffered(), 10 + 100 * 7000);
+    }
+
+    #[test]
+    fn a_gathered_body_moves_into_the_callers_memory_once_half_has_come() {
+        let len = 1 << 20;
+        let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let input = encode(&[body.clone(), vec![3; 10]]);
+        for earned_granted in [true, false] {
+            let mut d = FrameDecoder::<Vec<u8>>::new(1 << 21);
+            let (mut out, mut asked, mut fed) = (Vec::new(), Vec::new(), 0);
+            for chunk in input.chunks(1200) {
+                fed += chunk.len();
+                let body_arrived = fed.saturating_sub(HEADER_BYTES).min(len);
+                d.decode_all_in_order_with(&Bytes::copy_from_slice(chunk), &mut out, &mut |ask| {
+                    asked.push((ask, body_arrived));
+                    match ask {
+                        Ask::Ahead(_) => None,
+                        Ask::Earned(len) => earned_granted.then(|| vec![0; len]),
+                    }
+                })
+                .expect("within limit");
+                assert_eq!(
+                    d.reserved(),
+                    0,
+                    "memory given for what came is not lent ahead"
+                );
+            }
+            assert_eq!(asked[0], (Ask::Ahead(len), 1200 - HEADER_BYTES));
+            let earned: Vec<_> = asked
+                .iter()
+                .filter(|(a, _)| matches!(a, Ask::Earned(_)))
+                .collect();
+            assert_eq!(earned.len(), 1, "asked once: {asked:?}");
+            let (ask, arrived) = *earned[0];
+            assert_eq!(ask, Ask::Earned(len));
+            assert!(
+                2 * arrived >= len,
+                "asked with only {arrived} of {len} bytes in"
+            );
+            match &out[0] {
+                Decoded::Frame(Frame::Filled(got)) => assert!(earned_granted && *got == body),
+                Decoded::Frame(Frame::Gathered(got)) => assert!(!earned_granted && *got == body),
+                other => panic!("{other:?}"),
+            }
+            assert!(matches!(&out[1], Decoded::Frame(Frame::Slice(b)) if b[..] == [3; 10]));
+        }
     }
 
     #[test]
@@ -535,15 +649,17 @@ mod tests {
             cuts in proptest::collection::vec(1usize..50, 1..40),
         ) {
             let bytes = encode(&frames);
-            for with_alloc in [false, true] {
+            for (ahead, earned) in [(false, false), (true, false), (false, true), (true, true)] {
                 let mut d = FrameDecoder::new(1000);
+                d.set_gather_first(16);
                 let mut out = Vec::new();
                 let mut rest = &bytes[..];
                 let mut i = 0;
                 while !rest.is_empty() {
                     let n = cuts[i % cuts.len()].min(rest.len());
-                    d.decode_all_in_order_with(&Bytes::copy_from_slice(&rest[..n]), &mut out, &mut |len| {
-                        with_alloc.then(|| vec![0; len])
+                    d.decode_all_in_order_with(&Bytes::copy_from_slice(&rest[..n]), &mut out, &mut |ask| match ask {
+                        Ask::Ahead(len) => ahead.then(|| vec![0; len]),
+                        Ask::Earned(len) => earned.then(|| vec![0; len]),
                     }).expect("within limit");
                     rest = &rest[n..];
                     i += 1;

@@ -1,5 +1,6 @@
 //! The stream framing: frames come out the same however the bytes are chunked, whether
-//! bodies that span chunks fill the caller's memory or the decoder's own, and nothing is
+//! bodies that span chunks fill the caller's memory (lent ahead, or given once half has
+//! come) or the decoder's own, and nothing is
 //! buffered beyond the limit. Every frame is also read as a lane's barrier
 //! marker would be (a peer chooses what its frames hold).
 //!
@@ -8,7 +9,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use trust_dist_proto::frame::{Decoded, Frame, FrameDecoder, HEADER_BYTES};
+use trust_dist_proto::frame::{Ask, Decoded, Frame, FrameDecoder, HEADER_BYTES};
 use trust_dist_proto::lanes;
 
 fn run(
@@ -17,9 +18,12 @@ fn run(
     input: &[u8],
     chunks: &[usize],
     grant: bool,
+    grant_earned: bool,
 ) -> (Vec<Vec<u8>>, Vec<usize>, bool) {
     let mut d = FrameDecoder::<Vec<u8>>::new(max);
     d.set_discard_above(discard);
+    // Small enough that gathered bodies grow, and are moved into granted memory.
+    d.set_gather_first(8);
     let mut frames = Vec::new();
     let mut discarded = Vec::new();
     let whole = Bytes::copy_from_slice(input);
@@ -35,7 +39,16 @@ fn run(
         i += 1;
         let mut chunk = rest.split_to(n);
         while !chunk.is_empty() {
-            match d.decode_with(&chunk, &mut |len| grant.then(|| vec![0; len])) {
+            let body_in = d.buffered();
+            let mut alloc = |ask| match ask {
+                Ask::Ahead(len) => grant.then(|| vec![0; len]),
+                Ask::Earned(len) => {
+                    // Never before half of the body is in, with what this chunk brings.
+                    assert!(len <= 2 * (body_in + chunk.len()));
+                    grant_earned.then(|| vec![0; len])
+                }
+            };
+            match d.decode_with(&chunk, &mut alloc) {
                 Ok((used, frame)) => {
                     assert!(used <= chunk.len());
                     assert!(used > 0, "progress");
@@ -48,7 +61,7 @@ fn run(
                                 let at = s.as_ptr() as usize;
                                 assert!(at >= base && at + s.len() <= base + input.len());
                             }
-                            Frame::Filled(_) => assert!(grant),
+                            Frame::Filled(_) => assert!(grant || grant_earned),
                             Frame::Gathered(_) => assert!(!grant),
                         }
                         frames.push(f.to_vec());
@@ -71,15 +84,17 @@ fuzz_target!(|data: &[u8]| {
     };
     let max = u32::from(u16::from_be_bytes([*a, *b]));
     let discard = u32::from(u16::from_be_bytes([*c, *e]));
-    let whole = run(max, discard, input, &[input.len()], false);
-    let bytewise = run(max, discard, input, &[1], false);
-    let granted = run(max, discard, input, &[1], true);
+    let whole = run(max, discard, input, &[input.len()], false, false);
+    let bytewise = run(max, discard, input, &[1], false, false);
+    let granted = run(max, discard, input, &[1], true, false);
+    let earned = run(max, discard, input, &[1], false, true);
     let seeded: Vec<usize> = (0..8)
         .map(|k| usize::from(seed.rotate_left(k)) % 13 + 1)
         .collect();
-    let chunked = run(max, discard, input, &seeded, seed & 1 == 1);
+    let chunked = run(max, discard, input, &seeded, seed & 1 == 1, seed & 2 == 2);
     assert_eq!(whole, bytewise);
     assert_eq!(whole, granted);
+    assert_eq!(whole, earned);
     assert_eq!(whole, chunked);
     // decode_all agrees.
     let mut d = FrameDecoder::<Vec<u8>>::new(max);
