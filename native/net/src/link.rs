@@ -2177,6 +2177,9 @@ async fn lane_reader(
         if from_copy && !decoder.is_idle() {
             return Err(format!("a lane copy on lane {lane} ends inside a frame"));
         }
+        // Most chunks of a large frame complete nothing: they leave the inbox as it was,
+        // and there is nothing new to hand up.
+        let brought = !frames.is_empty();
         let mut thrown = Vec::new();
         let Ok(mut inbox) = shared.inbox.lock() else {
             return Err("link inbox lost".into());
@@ -2218,6 +2221,9 @@ async fn lane_reader(
         // whenever credit runs out (it waits for acks), a chunk brought more than one
         // batch (it passes again until nothing moves; this lane may never bring another
         // chunk to pass again for) or the link must close.
+        if !brought {
+            continue;
+        }
         let pass = if shared.data_started.load(Ordering::SeqCst) {
             deliver(shared, false)
         } else {
