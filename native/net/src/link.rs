@@ -1989,9 +1989,13 @@ async fn accept_streams(shared: Arc<Shared>) {
                     if let Err(why) = lane_reader(&shared, kind, stream).await {
                         shared.close(CLOSE_PROTOCOL, &why);
                     }
+                    // A lane that ended (or whose connection did) holds no frame under
+                    // way: what it read of one must not keep the others below the mark.
                     if let Ok(mut inbox) = shared.inbox.lock() {
                         inbox.ended[kind] = true;
+                        inbox.partial[kind] = 0;
                     }
+                    shared.room.notify_waiters();
                     shared.arrived.notify_one();
                 }
                 _ => shared.close(
@@ -2036,8 +2040,8 @@ impl<'a> Reservation<'a> {
                 frame::Ask::Ahead(len) => len,
                 frame::Ask::Earned(len) => return self.shared.events.packet_buffer(len),
             };
-            // The decoder asks only once the frame it was filling is complete, so what
-            // this reader held is given back in the same step.
+            // The decoder asks ahead only once the frame it was filling is complete, so
+            // what this reader held is given back in the same step.
             let held = self.held.get();
             self.shared
                 .reserved_in
@@ -2140,12 +2144,7 @@ async fn lane_reader(
                     (chunk.offset, chunk.bytes, false)
                 }
                 Ok(None) if decoder.is_idle() => return Ok(()),
-                Ok(None) => {
-                    if let Ok(mut inbox) = shared.inbox.lock() {
-                        inbox.partial[lane] = 0;
-                    }
-                    return Err(format!("lane {lane} ended inside a frame"));
-                }
+                Ok(None) => return Err(format!("lane {lane} ended inside a frame")),
                 Err(quinn::ReadError::ConnectionLost(_)) => return Ok(()),
                 Err(e) => return Err(describe_read_error(&e)),
             },
@@ -2694,6 +2693,9 @@ async fn reader(
                 continue;
             }
         }
+        // Taken before `want_read` is worked out, so a delivery that makes room in
+        // between still wakes this reader.
+        let room = shared.room.notified();
         let want_read = ended.is_none()
             && match &link {
                 // Before the data phase only handshake messages are due: read a little
@@ -2727,7 +2729,12 @@ async fn reader(
             _ = shared.arrived.notified(), if in_data => {}
             // Lane readers deliver too, lane 0's packets among them: when lane 0's read-ahead
             // was full, their deliveries are what make room for reading it again.
-            _ = shared.room.notified(), if in_data && !want_read && ended.is_none() => {}
+            _ = room, if in_data && !want_read && ended.is_none() => {}
+            // Not reading, this reader would not see the connection go; lanes that end
+            // with it may leave the link over its mark for good.
+            lost = shared.connection.closed(), if in_data && !want_read && ended.is_none() => {
+                ended = Some((CLOSE_NORMAL, describe_read_error(&quinn::ReadError::ConnectionLost(lost))));
+            }
             chunk = recv.read_chunk(READ_CHUNK, true), if want_read => match chunk {
                 Ok(Some(chunk)) => {
                     shared.stats.bytes_in.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
@@ -2741,20 +2748,6 @@ async fn reader(
                     reservation.settle(decoder.reserved());
                     if let Err(e) = decoded {
                         return (CLOSE_PROTOCOL, e.to_string());
-                    }
-                    if in_data {
-                        let others_may_read = match shared.inbox.lock() {
-                            Ok(mut inbox) => {
-                                inbox.partial[0] = decoder.partial_bytes();
-                                inbox.over_mark()
-                            }
-                            Err(_) => return (CLOSE_PROTOCOL, "link inbox lost".into()),
-                        };
-                        // Over the link's mark, which lane may read next depends on what
-                        // every lane holds, lane 0's frame under way among them.
-                        if others_may_read {
-                            shared.room.notify_waiters();
-                        }
                     }
                     let mut thrown = Vec::new();
                     for unit in frames.drain(..) {
@@ -2778,6 +2771,24 @@ async fn reader(
                                 }
                                 thrown.push(len);
                             }
+                        }
+                    }
+                    if in_data {
+                        // The frames completed and the one under way are counted together.
+                        let others_may_read = match shared.inbox.lock() {
+                            Ok(mut inbox) => {
+                                if let Err(why) = lane0_to_inbox_locked(shared, &mut inbox, &mut pending) {
+                                    return (CLOSE_PROTOCOL, why);
+                                }
+                                inbox.partial[0] = decoder.partial_bytes();
+                                inbox.over_mark()
+                            }
+                            Err(_) => return (CLOSE_PROTOCOL, "link inbox lost".into()),
+                        };
+                        // Over the link's mark, which lane may read next depends on what
+                        // every lane holds, lane 0's frame under way among them.
+                        if others_may_read {
+                            shared.room.notify_waiters();
                         }
                     }
                     if !thrown.is_empty() {

@@ -1527,26 +1527,8 @@ fn downs_by_name_keep_their_place_among_their_process_s_other_signals() {
 /// far as the frame limit, beside the 4 MiB the other lanes hold).
 #[test]
 fn lane_0_reads_within_the_links_mark_as_every_lane_does() {
-    let (_nodes, a_end, b_end) = credit_limited_link(256 * 1024);
-    // Eight processes, 768 KiB each: more than the link's 4 MiB mark.
-    let bulk: Vec<Vec<u8>> = (100..108)
-        .flat_map(|pid| bulk_of(pid, 12, 64 * 1024))
-        .collect();
-    let _ = a_end.send(&bulk.iter().map(Vec::as_slice).collect::<Vec<_>>());
-    let before = bytes_in_once_settled(&b_end);
-    assert!(
-        before >= 4 * 1024 * 1024,
-        "b read only {before} bytes of the bulk: the link never reached its mark"
-    );
-    // A packet without a sender: lane 0, behind a barrier that waits for the bulk.
-    let large = send_without_sender(&noise(7, 6 * 1024 * 1024));
-    let _ = a_end.send(&[&large]);
-    let read_on = bytes_in_once_settled(&b_end) - before;
-    assert!(
-        read_on < 1024 * 1024,
-        "b read {read_on} more bytes, of a frame it cannot hand up, beyond the link's mark\n{}",
-        b_end.link.lanes_report()
-    );
+    let (_nodes, _a_end, b_end) = lane_0_behind_a_barrier_over_the_mark();
+    let (bulk, large) = (bulk_over_the_mark(), large_without_sender());
     // Once the VM takes what it was given, everything comes, the large packet last.
     let got = b_end.receive(bulk.len() + 1);
     assert!(
@@ -1561,6 +1543,64 @@ fn lane_0_reads_within_the_links_mark_as_every_lane_does() {
             "process {pid}'s packets reordered"
         );
     }
+}
+
+/// Lane 0 not reading, held at the link's mark, still sees the connection go: the link
+/// reports its end at once, not when the VM next takes something.
+#[test]
+fn a_link_whose_lane_0_waits_at_the_mark_still_sees_its_connection_go() {
+    let (_nodes, a_end, b_end) = lane_0_behind_a_barrier_over_the_mark();
+    a_end
+        .link
+        .connection()
+        .close(0u32.into(), b"gone in a test");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match b_end.next(deadline.saturating_duration_since(Instant::now())) {
+            Some(Ev::Closed(reason)) => {
+                assert!(reason.contains("gone in a test"), "{reason}");
+                break;
+            }
+            Some(_) => continue,
+            None => panic!(
+                "the link did not report its end within 3 s\n{}",
+                b_end.link.lanes_report()
+            ),
+        }
+    }
+}
+
+/// Eight processes of a send b 768 KiB each ([`bulk_over_the_mark`]), more than b's link
+/// holds for a VM that takes nothing; then [`large_without_sender`] goes on lane 0 behind
+/// a barrier that waits for them. Checks that b reads no further into it.
+fn lane_0_behind_a_barrier_over_the_mark() -> ((Node, Node), End, End) {
+    let (nodes, a_end, b_end) = credit_limited_link(256 * 1024);
+    let bulk = bulk_over_the_mark();
+    let _ = a_end.send(&bulk.iter().map(Vec::as_slice).collect::<Vec<_>>());
+    let before = bytes_in_once_settled(&b_end);
+    assert!(
+        before >= 4 * 1024 * 1024,
+        "b read only {before} bytes of the bulk: the link never reached its mark"
+    );
+    let _ = a_end.send(&[&large_without_sender()]);
+    let read_on = bytes_in_once_settled(&b_end) - before;
+    assert!(
+        read_on < 1024 * 1024,
+        "b read {read_on} more bytes, of a frame it cannot hand up, beyond the link's mark\n{}",
+        b_end.link.lanes_report()
+    );
+    (nodes, a_end, b_end)
+}
+
+fn bulk_over_the_mark() -> Vec<Vec<u8>> {
+    (100..108)
+        .flat_map(|pid| bulk_of(pid, 12, 64 * 1024))
+        .collect()
+}
+
+/// 6 MiB from a process that the packet does not name: lane 0, behind a barrier.
+fn large_without_sender() -> Vec<u8> {
+    send_without_sender(&noise(7, 6 * 1024 * 1024))
 }
 
 /// What `end`'s link has received once it has received nothing more for [`QUIET`].
