@@ -2116,20 +2116,31 @@ async fn lane_reader(
     // Everything before this stream offset has gone to the decoder, from the stream or
     // from a copy; the byte at offset 0 named the lane.
     let mut delivered: u64 = 1;
+    // The connection is gone, closed by the peer: what QUIC already holds of this lane is
+    // still owed to the VM (a graceful close waits only for it to be acknowledged), so
+    // it is read out whatever the marks say.
+    let mut gone = false;
     loop {
         loop {
             let room = shared.room.notified();
-            let full = shared
-                .inbox
-                .lock()
-                .map(|inbox| !inbox.may_read(lane))
-                .unwrap_or(false);
+            let full = !gone
+                && shared
+                    .inbox
+                    .lock()
+                    .map(|inbox| !inbox.may_read(lane))
+                    .unwrap_or(false);
             if !full {
                 break;
             }
             tokio::select! {
                 _ = room => {}
-                _ = shared.connection.closed() => return Ok(()),
+                _ = shared.connection.closed() => {
+                    // After a close of ours nothing more goes up.
+                    if shared.closed.load(Ordering::SeqCst) {
+                        return Ok(());
+                    }
+                    gone = true;
+                }
             }
         }
         // The stream first when both have something: then the copy brings nothing new.
@@ -2606,6 +2617,9 @@ async fn reader(
     let reservation = Reservation::new(shared);
     let mut frames = Vec::new();
     let mut ended: Option<(u32, String)> = None;
+    // The connection is gone: what QUIC holds of lane 0 is read out whatever the marks
+    // say (see `lane_reader`).
+    let mut gone = false;
     loop {
         while checked < pending.len() && !guard.is_done() {
             if let Err(e) = guard.on_peer_frame(pending[checked].bytes()) {
@@ -2672,6 +2686,11 @@ async fn reader(
                 None if pending.is_empty() => return (*code, reason.clone()),
                 None => {}
                 Some(()) => {
+                    // Lane 0's frame under way will not complete.
+                    if let Ok(mut inbox) = shared.inbox.lock() {
+                        inbox.partial[0] = 0;
+                    }
+                    shared.room.notify_waiters();
                     // Only what the peer sent before it ended the link is owed; after a
                     // close of ours (a refusal among them) nothing more goes up.
                     if !shared.closed.load(Ordering::SeqCst) {
@@ -2706,11 +2725,13 @@ async fn reader(
                 }
                 // Lane 0 obeys the same marks as the other lanes, its frame under way
                 // counted with theirs.
-                Some(_) => shared
-                    .inbox
-                    .lock()
-                    .map(|inbox| inbox.may_read(0))
-                    .unwrap_or(false),
+                Some(_) => {
+                    gone || shared
+                        .inbox
+                        .lock()
+                        .map(|inbox| inbox.may_read(0))
+                        .unwrap_or(false)
+                }
             };
         let in_data = link.is_some();
         tokio::select! {
@@ -2733,7 +2754,11 @@ async fn reader(
             // Not reading, this reader would not see the connection go; lanes that end
             // with it may leave the link over its mark for good.
             lost = shared.connection.closed(), if in_data && !want_read && ended.is_none() => {
-                ended = Some((CLOSE_NORMAL, describe_read_error(&quinn::ReadError::ConnectionLost(lost))));
+                if shared.closed.load(Ordering::SeqCst) {
+                    ended = Some((CLOSE_NORMAL, describe_read_error(&quinn::ReadError::ConnectionLost(lost))));
+                } else {
+                    gone = true;
+                }
             }
             chunk = recv.read_chunk(READ_CHUNK, true), if want_read => match chunk {
                 Ok(Some(chunk)) => {

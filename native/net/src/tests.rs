@@ -1536,7 +1536,7 @@ fn lane_0_reads_within_the_links_mark_as_every_lane_does() {
         "the packet behind the barrier came early"
     );
     for pid in 100..108 {
-        let sent = bulk_of(pid, 12, 64 * 1024);
+        let sent = bulk_of(pid, 24, 64 * 1024);
         let came: Vec<&Vec<u8>> = got.iter().filter(|p| sent.contains(p)).collect();
         assert!(
             came.into_iter().eq(sent.iter()),
@@ -1570,8 +1570,34 @@ fn a_link_whose_lane_0_waits_at_the_mark_still_sees_its_connection_go() {
     }
 }
 
-/// Eight processes of a send b 768 KiB each ([`bulk_over_the_mark`]), more than b's link
-/// holds for a VM that takes nothing; then [`large_without_sender`] goes on lane 0 behind
+/// A graceful close waits only until the peer's QUIC stack has acknowledged what was
+/// sent: what b's lanes hold in QUIC beyond their marks is still handed up, lane 0's
+/// among it, before the link reports its end.
+#[test]
+fn what_a_link_held_beyond_its_marks_when_the_peer_closed_still_goes_up() {
+    let (_nodes, a_end, b_end) = lane_0_behind_a_barrier_over_the_mark();
+    a_end.link.close("bye");
+    let (bulk, large) = (bulk_over_the_mark(), large_without_sender());
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    let reason = loop {
+        match b_end.next(deadline.saturating_duration_since(Instant::now())) {
+            Some(Ev::Packets(batch)) => {
+                b_end.link.ack(batch.iter().map(Vec::len).sum());
+                got.extend(batch);
+            }
+            Some(Ev::Closed(reason)) => break reason,
+            Some(_) => continue,
+            None => panic!("the link did not end within {WAIT:?}"),
+        }
+    };
+    assert!(reason.contains("bye"), "{reason}");
+    assert_eq!(got.len(), bulk.len() + 1, "packets lost in the close");
+    assert!(got.last() == Some(&large));
+}
+
+/// Eight processes of a send b 1.5 MiB each ([`bulk_over_the_mark`]), more than b's lanes
+/// and link hold for a VM that takes nothing (the rest waits in QUIC); then [`large_without_sender`] goes on lane 0 behind
 /// a barrier that waits for them. Checks that b reads no further into it.
 fn lane_0_behind_a_barrier_over_the_mark() -> ((Node, Node), End, End) {
     let (nodes, a_end, b_end) = credit_limited_link(256 * 1024);
@@ -1594,7 +1620,7 @@ fn lane_0_behind_a_barrier_over_the_mark() -> ((Node, Node), End, End) {
 
 fn bulk_over_the_mark() -> Vec<Vec<u8>> {
     (100..108)
-        .flat_map(|pid| bulk_of(pid, 12, 64 * 1024))
+        .flat_map(|pid| bulk_of(pid, 24, 64 * 1024))
         .collect()
 }
 
