@@ -2166,6 +2166,10 @@ async fn lane_reader(
         if !from_copy && offset > delivered {
             return Err(format!("lane {lane} skipped from {delivered} to {offset}"));
         }
+        if gone {
+            // What QUIC holds comes without waiting: let the runtime's other links run.
+            tokio::task::yield_now().await;
+        }
         let Some(fresh) = copies::unseen(delivered, offset, bytes.len()) else {
             continue;
         };
@@ -2762,6 +2766,10 @@ async fn reader(
             }
             chunk = recv.read_chunk(READ_CHUNK, true), if want_read => match chunk {
                 Ok(Some(chunk)) => {
+                    if gone {
+                        // As in `lane_reader`.
+                        tokio::task::yield_now().await;
+                    }
                     shared.stats.bytes_in.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
                     // Packet buffers only for the data phase's frames: the handshake's
                     // go up as lists, and are small.
