@@ -938,6 +938,27 @@ async fn read_frames(
     Ok(())
 }
 
+/// TLS's `no_application_protocol` alert: the two ends offered no ALPN in common.
+const NO_APPLICATION_PROTOCOL: u8 = 120;
+
+/// Why a QUIC/TLS handshake failed, with its likely cause where the error shows one.
+pub(crate) fn describe_handshake_error(e: &quinn::ConnectionError) -> String {
+    let code = match e {
+        quinn::ConnectionError::TransportError(error) => Some(error.code),
+        quinn::ConnectionError::ConnectionClosed(close) => Some(close.error_code),
+        _ => None,
+    };
+    if code == Some(quinn::TransportErrorCode::crypto(NO_APPLICATION_PROTOCOL)) {
+        format!(
+            "{e} (the peer does not speak this node's trust_dist wire protocol, {}: \
+             run trust_dist versions of the same wire protocol on both nodes)",
+            String::from_utf8_lossy(crate::ALPN)
+        )
+    } else {
+        e.to_string()
+    }
+}
+
 fn describe_read_error(e: &quinn::ReadError) -> String {
     match e {
         quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close)) => {
@@ -1001,7 +1022,15 @@ pub(crate) async fn accept<A: Acceptor>(
     let server_config = carrier.server_config_for(sharing.clone());
     let result = tokio::time::timeout(timeout, async {
         // TLS may fail as the connection is accepted or later in its handshake.
-        let handshake_failed = |e| (None, format!("QUIC/TLS handshake failed: {e}"));
+        let handshake_failed = |e: quinn::ConnectionError| {
+            (
+                None,
+                format!(
+                    "QUIC/TLS handshake failed: {}",
+                    describe_handshake_error(&e)
+                ),
+            )
+        };
         let connection = incoming
             .accept_with(server_config)
             .map_err(handshake_failed)?
@@ -1117,9 +1146,15 @@ pub(crate) async fn connect(
         let connecting = endpoint
             .connect_with(config, addr, "trust-dist")
             .map_err(|e| (None, format!("cannot connect to {addr}: {e}")))?;
-        let connection = connecting
-            .await
-            .map_err(|e| (None, format!("QUIC/TLS handshake with {addr} failed: {e}")))?;
+        let connection = connecting.await.map_err(|e| {
+            (
+                None,
+                format!(
+                    "QUIC/TLS handshake with {addr} failed: {}",
+                    describe_handshake_error(&e)
+                ),
+            )
+        })?;
         let copies_up = watch_copies(&connection);
         let fail = |c: &quinn::Connection, why: String| (Some(c.clone()), why);
         let (mut send, mut recv) = connection

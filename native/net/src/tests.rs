@@ -2098,6 +2098,31 @@ fn refuses_a_client_without_a_tls_key() {
     b.assert_refused(&["QUIC/TLS handshake failed"]);
 }
 
+/// A node of another wire protocol version (a rolling upgrade across one) is refused in
+/// TLS, and the log says that is why.
+#[test]
+fn a_peer_of_another_wire_protocol_version_is_refused_with_that_reason() {
+    let (_, b) = two_nodes(settings(), settings());
+    let key = SecretKey::generate();
+    let client = RawClient::new(tls::client_config_offering(&key, b"trust-dist/4").unwrap());
+    let outcome = client.send_and_wait(b.addr(), None, false);
+    assert!(
+        outcome.is_err(),
+        "an older wire protocol came up: {outcome:?}"
+    );
+    b.assert_refused(&[
+        "QUIC/TLS handshake failed",
+        "does not speak this node's trust_dist wire protocol, trust-dist/5",
+    ]);
+    // The dialler's side of the same refusal: the accepting side's TLS alert.
+    let refused = quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+        error_code: quinn::TransportErrorCode::crypto(120),
+        frame_type: None,
+        reason: Bytes::from_static(b"peer doesn't support any known protocol"),
+    });
+    assert!(crate::link::describe_handshake_error(&refused).contains("wire protocol, trust-dist/5"));
+}
+
 #[test]
 fn refuses_garbage_and_missing_certificates_instead_of_a_hello() {
     let authority = Authority::new();

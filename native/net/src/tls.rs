@@ -185,6 +185,14 @@ pub fn server_config(
 pub fn client_config(
     secret: &SecretKey,
 ) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsSetupError> {
+    client_config_offering(secret, ALPN)
+}
+
+/// A client configuration offering `alpn` (a test's other wire protocol version).
+pub(crate) fn client_config_offering(
+    secret: &SecretKey,
+    alpn: &[u8],
+) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsSetupError> {
     let mut config =
         rustls::ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -193,7 +201,7 @@ pub fn client_config(
             .with_client_cert_resolver(Arc::new(
                 rustls::client::AlwaysResolvesClientRawPublicKeys::new(certified_key(secret)?),
             ));
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     config.enable_early_data = false;
     quinn::crypto::rustls::QuicClientConfig::try_from(config)
         .map_err(|e| TlsSetupError::Quic(e.to_string()))
