@@ -26,6 +26,8 @@ fn run(
     d.set_gather_first(8);
     let mut frames = Vec::new();
     let mut discarded = Vec::new();
+    // Asks for earned memory since the last frame was complete.
+    let mut earned_asks = 0;
     let whole = Bytes::copy_from_slice(input);
     let base = whole.as_ptr() as usize;
     let mut rest = whole.clone();
@@ -43,8 +45,11 @@ fn run(
             let mut alloc = |ask| match ask {
                 Ask::Ahead(len) => grant.then(|| vec![0; len]),
                 Ask::Earned(len) => {
-                    // Never before half of the body is in, with what this chunk brings.
+                    // Never before half of the body is in, with what this chunk brings,
+                    // and once per body at most.
                     assert!(len <= 2 * (body_in + chunk.len()));
+                    earned_asks += 1;
+                    assert!(earned_asks <= 1, "asked twice for one body's memory");
                     grant_earned.then(|| vec![0; len])
                 }
             };
@@ -53,6 +58,7 @@ fn run(
                     assert!(used <= chunk.len());
                     assert!(used > 0, "progress");
                     if let Some(f) = frame {
+                        earned_asks = 0;
                         assert!(f.len() as u64 <= u64::from(max.min(discard)));
                         // A body within one chunk is a slice of it; one across chunks
                         // was copied into the memory granted, if any.
