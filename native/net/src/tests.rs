@@ -731,6 +731,46 @@ fn large_packets_arrive_intact() {
     assert_eq!(got_sums, sums);
 }
 
+/// A lane whose connection goes while a frame is under way gives back the packet buffer
+/// reserved for that frame: the reservations of a link's readers always add up to what
+/// they hold.
+#[test]
+fn a_frame_cut_off_by_the_connection_gives_back_its_reservation() {
+    let (_nodes, a_end, b_end) = link_to_b_with(settings());
+    let connection = a_end.link.connection().clone();
+    let announced = 2 * 1024 * 1024;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Lane 17, by hand: its naming byte, then the start of a 2 MiB frame, left open.
+    let _stream = runtime.block_on(async {
+        let mut stream = connection.open_uni().await.unwrap();
+        let mut start = vec![17u8];
+        start.extend_from_slice(&framed(&noise(3, announced))[..64 * 1024]);
+        stream.write_all(&start).await.unwrap();
+        stream
+    });
+    let started = Instant::now();
+    while b_end.link.reserved_bytes() != announced {
+        assert!(
+            started.elapsed() < WAIT,
+            "the frame under way was never reserved"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    connection.close(0u32.into(), b"cut off");
+    let started = Instant::now();
+    while b_end.link.reserved_bytes() != 0 {
+        assert!(
+            started.elapsed() < WAIT,
+            "{} bytes still reserved after the connection went",
+            b_end.link.reserved_bytes()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A frame that spans chunks is copied into its packet buffer as it arrives while the
 /// link's reservations leave room, else gathered and copied once complete. Either way
 /// each process's messages arrive whole and in order, the reservations stay within
