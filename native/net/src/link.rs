@@ -2952,6 +2952,17 @@ mod inbox_tests {
     }
 
     #[test]
+    fn a_frame_kept_before_the_data_phase_holds_none_of_its_receive_buffer() {
+        let buffer = Bytes::from(vec![7u8; 64 * 1024]);
+        let frame = owned(frame::Frame::Slice(buffer.slice(..100)));
+        assert_eq!(frame.bytes(), &[7u8; 100][..]);
+        assert!(
+            buffer.is_unique(),
+            "the kept frame still points into the buffer"
+        );
+    }
+
+    #[test]
     fn barrier_markers_count_against_read_ahead() {
         let mut inbox = Inbox::default();
         let mut markers = 0;
