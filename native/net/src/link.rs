@@ -938,27 +938,6 @@ async fn read_frames(
     Ok(())
 }
 
-/// TLS's `no_application_protocol` alert: the two ends offered no ALPN in common.
-const NO_APPLICATION_PROTOCOL: u8 = 120;
-
-/// Why a QUIC/TLS handshake failed, with its likely cause where the error shows one.
-pub(crate) fn describe_handshake_error(e: &quinn::ConnectionError) -> String {
-    let code = match e {
-        quinn::ConnectionError::TransportError(error) => Some(error.code),
-        quinn::ConnectionError::ConnectionClosed(close) => Some(close.error_code),
-        _ => None,
-    };
-    if code == Some(quinn::TransportErrorCode::crypto(NO_APPLICATION_PROTOCOL)) {
-        format!(
-            "{e} (the peer does not speak this node's trust_dist wire protocol, {}: \
-             run trust_dist versions of the same wire protocol on both nodes)",
-            String::from_utf8_lossy(crate::ALPN)
-        )
-    } else {
-        e.to_string()
-    }
-}
-
 fn describe_read_error(e: &quinn::ReadError) -> String {
     match e {
         quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close)) => {
@@ -1027,7 +1006,7 @@ pub(crate) async fn accept<A: Acceptor>(
                 None,
                 format!(
                     "QUIC/TLS handshake failed: {}",
-                    describe_handshake_error(&e)
+                    tls::describe_handshake_error(&e)
                 ),
             )
         };
@@ -1151,7 +1130,7 @@ pub(crate) async fn connect(
                 None,
                 format!(
                     "QUIC/TLS handshake with {addr} failed: {}",
-                    describe_handshake_error(&e)
+                    tls::describe_handshake_error(&e)
                 ),
             )
         })?;
@@ -2634,7 +2613,10 @@ async fn drain_lanes(shared: &Shared) {
             break;
         }
     }
-    while deliver(shared, true).progress {}
+    // Up to a receive window's worth: let the runtime's other links run in between.
+    while deliver(shared, true).progress {
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Runs until the link ends and returns the close code and reason.

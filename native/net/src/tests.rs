@@ -747,7 +747,8 @@ fn a_frame_cut_off_by_the_connection_gives_back_its_reservation() {
     let _stream = runtime.block_on(async {
         let mut stream = connection.open_uni().await.unwrap();
         let mut start = vec![17u8];
-        start.extend_from_slice(&framed(&noise(3, announced))[..64 * 1024]);
+        start.extend_from_slice(&trust_dist_proto::frame::header(announced as u32));
+        start.extend_from_slice(&noise(3, 64 * 1024));
         stream.write_all(&start).await.unwrap();
         stream
     });
@@ -2146,21 +2147,22 @@ fn a_peer_of_another_wire_protocol_version_is_refused_with_that_reason() {
     let key = SecretKey::generate();
     let client = RawClient::new(tls::client_config_offering(&key, b"trust-dist/4").unwrap());
     let outcome = client.send_and_wait(b.addr(), None, false);
+    // The dialler is told by the accepting side's TLS alert, no_application_protocol.
     assert!(
-        outcome.is_err(),
-        "an older wire protocol came up: {outcome:?}"
+        matches!(&outcome, Err(why) if why.contains("error 120")),
+        "{outcome:?}"
     );
     b.assert_refused(&[
         "QUIC/TLS handshake failed",
         "does not speak this node's trust_dist wire protocol, trust-dist/5",
     ]);
-    // The dialler's side of the same refusal: the accepting side's TLS alert.
+    // How a dialling node words that alert.
     let refused = quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
         error_code: quinn::TransportErrorCode::crypto(120),
         frame_type: None,
         reason: Bytes::from_static(b"peer doesn't support any known protocol"),
     });
-    assert!(crate::link::describe_handshake_error(&refused).contains("wire protocol, trust-dist/5"));
+    assert!(tls::describe_handshake_error(&refused).contains("wire protocol, trust-dist/5"));
 }
 
 #[test]

@@ -216,3 +216,26 @@ pub fn peer_key(connection: &quinn::Connection) -> Option<PublicKey> {
         _ => None,
     }
 }
+
+/// Why a QUIC/TLS handshake failed, with its likely cause where the error shows one: a
+/// TLS `no_application_protocol` alert means the two ends offered no ALPN in common.
+pub(crate) fn describe_handshake_error(e: &quinn::ConnectionError) -> String {
+    let no_protocol = quinn::TransportErrorCode::crypto(u8::from(
+        rustls::AlertDescription::NoApplicationProtocol,
+    ));
+    let code = match e {
+        quinn::ConnectionError::TransportError(error) => Some(error.code),
+        quinn::ConnectionError::ConnectionClosed(close) => Some(close.error_code),
+        _ => None,
+    };
+    if code == Some(no_protocol) {
+        format!(
+            "{e} (the peer does not speak this node's trust_dist wire protocol, {}: run \
+             trust_dist versions of the same wire protocol on both nodes; or it is not a \
+             trust_dist node)",
+            String::from_utf8_lossy(ALPN)
+        )
+    } else {
+        e.to_string()
+    }
+}
