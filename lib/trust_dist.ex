@@ -13,8 +13,8 @@ defmodule TrustDist do
   (`:certified_as`), its `:tier`, the `:fingerprint` of its key, the link `:mode`
   (`:full` or `:restricted`), its `:address`, certificate `:serial`, `:not_after` and
   `:issuer`, and the counters `:bytes_in`, `:bytes_out`, `:packets_in`, `:packets_out`,
-  `:ticks_in`, `:ticks_out`, `:tail_probes`, `:copies_out`, `:copies_used`, `:dropped_in`
-  and `:queued`. Restricted
+  `:ticks_in`, `:ticks_out`, `:tail_probes`, `:copies_out`, `:copies_used`, `:dropped_in`,
+  `:writes_in_place`, `:sent_in_place` and `:queued`. Restricted
   links (the peer's tier is below ours) also carry the filter's `:counters`
   (`%{op => %{outcome => n}}`) and `:denied`; full links report them empty.
 

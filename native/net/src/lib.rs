@@ -14,6 +14,7 @@ mod congestion;
 mod frames;
 mod link;
 pub mod reference;
+mod runtime;
 mod tls;
 
 pub use frames::{Frames, FramesBuilder};
@@ -369,7 +370,7 @@ impl Carrier {
                 quinn::EndpointConfig::default(),
                 None,
                 socket,
-                Arc::new(quinn::TokioRuntime),
+                Arc::new(runtime::TransportRuntime::new(runtime.handle().clone())),
             )
             .map_err(|error| StartError::Bind { addr: bind, error })?
         };

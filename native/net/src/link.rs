@@ -12,7 +12,7 @@
 
 use crate::congestion::LaneSharing;
 use crate::frames::{Frames, Piece};
-use crate::{tls, unix_now, Acceptor, CarrierShared};
+use crate::{runtime, tls, unix_now, Acceptor, CarrierShared};
 use bytes::Bytes;
 use std::any::Any;
 use std::borrow::Cow;
@@ -193,6 +193,10 @@ pub struct LinkStats {
     pub copies_out: AtomicU64,
     pub copies_used: AtomicU64,
     pub dropped_in: AtomicU64,
+    /// Sends written into QUIC on the sending thread, and of those, how many the
+    /// connection's driver sent from there (see `write_in_place`).
+    pub writes_in_place: AtomicU64,
+    pub sent_in_place: AtomicU64,
 }
 
 /// Bytes handed to the VM and not yet acknowledged, per lane and in all, shared by the
@@ -482,6 +486,13 @@ enum ReaderCommand {
 pub(crate) struct Shared {
     carrier: Arc<CarrierShared>,
     connection: quinn::Connection,
+    /// The connection's driver, for sends that write in place (see [`write_in_place`]).
+    driver: Option<Arc<runtime::Driver>>,
+    /// Each lane's send stream while its writer is not using it.
+    streams: Vec<Mutex<LaneStream>>,
+    /// When a lane last wrote, in nanoseconds since `born`.
+    last_write: AtomicU64,
+    born: std::time::Instant,
     /// Which lanes the writers use, for the connection's congestion controller.
     sharing: Arc<LaneSharing>,
     peer: PeerInfo,
@@ -793,9 +804,16 @@ impl Link {
             .packets_out
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
         observe_outgoing(shared, &frames);
-        let (_, pause) = route(shared, &frames, all_behind_barrier, true, &|lane| {
+        let Routed {
+            pause,
+            in_place,
+            poll,
+        } = route(shared, &frames, all_behind_barrier, true, &|lane| {
             Some(self.writers[lane].clone())
         });
+        if let Some(poll) = poll.filter(|_| in_place.iter().any(|&bytes| bytes > 0)) {
+            wrote_in_place(shared, poll, &in_place);
+        }
         let queued = shared.queued.load(Ordering::SeqCst);
         let settings = &shared.carrier.settings;
         if queued <= settings.send_high_water {
@@ -1010,8 +1028,8 @@ pub(crate) async fn accept<A: Acceptor>(
                 ),
             )
         };
-        let connection = incoming
-            .accept_with(server_config)
+        let (connecting, driver) = runtime::capture_driver(|| incoming.accept_with(server_config));
+        let connection = connecting
             .map_err(handshake_failed)?
             .await
             .map_err(handshake_failed)?;
@@ -1071,6 +1089,7 @@ pub(crate) async fn accept<A: Acceptor>(
         }
         Ok::<_, (Option<quinn::Connection>, String)>(Verified {
             connection,
+            driver,
             sharing,
             copies_up,
             send,
@@ -1122,9 +1141,10 @@ pub(crate) async fn connect(
     let sharing = Arc::new(LaneSharing::new());
     let config = carrier.client_config_for(sharing.clone());
     let attempt = async {
-        let connecting = endpoint
-            .connect_with(config, addr, "trust-dist")
-            .map_err(|e| (None, format!("cannot connect to {addr}: {e}")))?;
+        let (connecting, driver) =
+            runtime::capture_driver(|| endpoint.connect_with(config, addr, "trust-dist"));
+        let connecting =
+            connecting.map_err(|e| (None, format!("cannot connect to {addr}: {e}")))?;
         let connection = connecting.await.map_err(|e| {
             (
                 None,
@@ -1165,6 +1185,7 @@ pub(crate) async fn connect(
         let guard = NameGuard::new(Side::Connecting, &expected_node);
         Ok::<_, (Option<quinn::Connection>, String)>(Verified {
             connection,
+            driver,
             sharing,
             copies_up,
             send,
@@ -1193,6 +1214,7 @@ pub(crate) async fn connect(
 /// exchange left on its first stream.
 struct Verified {
     connection: quinn::Connection,
+    driver: Option<Arc<runtime::Driver>>,
     sharing: Arc<LaneSharing>,
     copies_up: CopiesUp,
     send: quinn::SendStream,
@@ -1210,6 +1232,7 @@ fn spawn_link(
 ) -> Link {
     let Verified {
         connection,
+        driver,
         sharing,
         copies_up,
         send,
@@ -1230,10 +1253,20 @@ fn spawn_link(
             (tx, Some(rx))
         })
         .unzip();
+    let mut streams: Vec<Mutex<LaneStream>> = (0..LANES)
+        .map(|_| Mutex::new(LaneStream::default()))
+        .collect();
+    if let Ok(lane_0) = streams[0].get_mut() {
+        lane_0.stream = Some(send);
+    }
     let shared = Arc::new(Shared {
         writers: writer_txs.iter().map(|w| w.downgrade()).collect(),
         carrier,
         connection: connection.clone(),
+        driver,
+        streams,
+        last_write: AtomicU64::new(0),
+        born: std::time::Instant::now(),
         sharing,
         peer,
         events,
@@ -1289,9 +1322,8 @@ fn spawn_link(
     tokio::spawn(end_at_expiry(Arc::downgrade(&shared)));
     let (tick_tx, tick_rx) = mpsc::unbounded_channel();
     let (reader_tx, reader_rx) = mpsc::unbounded_channel();
-    let mut first = Some(send);
     for (lane, rx) in writer_rxs.into_iter().enumerate() {
-        tokio::spawn(writer(shared.clone(), lane, first.take(), rx));
+        tokio::spawn(writer(shared.clone(), lane, rx));
     }
     tokio::spawn(tail_prober(shared.clone(), tick_tx.downgrade()));
     tokio::spawn(ticker(shared.clone(), tick_rx));
@@ -1343,6 +1375,95 @@ async fn end_at_expiry(link: std::sync::Weak<Shared>) {
             .log
             .log(crate::Level::Notice, format!("disconnecting: {why}"));
         shared.close(CLOSE_REFUSED, &why);
+    }
+}
+
+/// A lane's send stream, kept here while its writer waits for work.
+struct LaneStream {
+    /// `None` while the writer writes, and on lanes 1.. until first used.
+    stream: Option<quinn::SendStream>,
+    /// The stream offset of the next byte written: lanes 1.. start with the byte that
+    /// names the lane. (Lane 0 is never copied.)
+    offset: u64,
+}
+
+impl Default for LaneStream {
+    fn default() -> Self {
+        LaneStream {
+            stream: None,
+            offset: 1,
+        }
+    }
+}
+
+/// How long a link must have written nothing for a send to write in place. A quiet link's
+/// packet then leaves from the sending thread; a busy link's writer batches many sends
+/// into one write and fills whole packets, which writes in place would break up.
+const IN_PLACE_QUIET: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// The most a send writes in place: one turn of the connection's driver sends it.
+const IN_PLACE_MAX_BYTES: usize = 16 * 1024;
+
+impl Shared {
+    fn note_write(&self, now: std::time::Instant) {
+        let at = now.saturating_duration_since(self.born).as_nanos() as u64;
+        self.last_write.fetch_max(at, Ordering::Relaxed);
+    }
+
+    fn quiet_at(&self, now: std::time::Instant) -> bool {
+        let at = now.saturating_duration_since(self.born).as_nanos() as u64;
+        at.saturating_sub(self.last_write.load(Ordering::Relaxed))
+            >= IN_PLACE_QUIET.as_nanos() as u64
+    }
+}
+
+/// Writes `chunk` straight into the lane's QUIC stream, on the calling thread, when the
+/// lane has nothing queued before it (the caller checked, under the lane lock) and its
+/// writer is not using the stream. Returns the bytes written; what is left of `chunk`
+/// goes to the writer as usual. Lane order holds: the writer puts the stream back before
+/// it counts its last bytes as written, so nothing of the lane is still to be written.
+fn write_in_place(shared: &Shared, lane: usize, chunk: &mut Vec<Bytes>) -> usize {
+    let Ok(mut slot) = shared.streams[lane].try_lock() else {
+        return 0;
+    };
+    let Some(stream) = slot.stream.as_mut() else {
+        return 0;
+    };
+    // Not waited for: when QUIC's window is closed nothing is written, and the writer,
+    // which can wait, takes it all.
+    let polled = {
+        let write = std::pin::pin!(stream.write_chunks(chunk));
+        std::future::Future::poll(
+            write,
+            &mut std::task::Context::from_waker(std::task::Waker::noop()),
+        )
+    };
+    let written = match polled {
+        std::task::Poll::Ready(Ok(written)) => written,
+        _ => return 0,
+    };
+    chunk.drain(..written.chunks);
+    slot.offset += written.bytes as u64;
+    written.bytes
+}
+
+/// After a send wrote in place: what a writer records after its writes, then a turn of
+/// the connection's driver on this thread, so that the packet leaves now rather than when
+/// the transport thread wakes.
+fn wrote_in_place(shared: &Shared, poll: runtime::PollHere, in_place: &[usize; LANES]) {
+    let now = std::time::Instant::now();
+    for (lane, _) in in_place.iter().enumerate().filter(|(_, &bytes)| bytes > 0) {
+        shared.sharing.wrote(lane, now);
+        shared.writes.fetch_add(1, Ordering::Relaxed);
+    }
+    shared.note_write(now);
+    shared
+        .stats
+        .bytes_out
+        .fetch_add(in_place.iter().sum::<usize>() as u64, Ordering::Relaxed);
+    shared.stats.writes_in_place.fetch_add(1, Ordering::Relaxed);
+    if poll.poll() {
+        shared.stats.sent_in_place.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -1420,9 +1541,9 @@ fn route(
     all_behind_barrier: bool,
     from_vm: bool,
     writer: &dyn Fn(usize) -> Option<mpsc::UnboundedSender<Outgoing>>,
-) -> (usize, Vec<Vec<u8>>) {
+) -> Routed {
     let Ok(mut state) = shared.lanes.lock() else {
-        return (0, Vec::new());
+        return Routed::default();
     };
     let mut split = Split::new(frames);
     // The lanes and pids of the processes that sent messages here: only they may pause.
@@ -1512,11 +1633,31 @@ fn route(
             }
         }
     }
-    let Split { chunks, bytes, .. } = split;
-    let mut total = 0;
-    for (lane, chunk) in chunks.into_iter().enumerate() {
+    let Split {
+        chunks, mut bytes, ..
+    } = split;
+    let mut routed = Routed::default();
+    // A quiet link's sends write in place (see `write_in_place`). Not while the lanes'
+    // copies are made: the writers make them.
+    let in_place = from_vm
+        && shared.driver.is_some()
+        && !shared.probing.load(Ordering::Relaxed)
+        && bytes.iter().sum::<usize>() <= IN_PLACE_MAX_BYTES
+        && shared.quiet_at(std::time::Instant::now());
+    if in_place {
+        routed.poll = shared.driver.as_ref().map(|driver| driver.about_to_poll());
+    }
+    for (lane, mut chunk) in chunks.into_iter().enumerate() {
         if chunk.is_empty() {
             continue;
+        }
+        if in_place && state.queued[lane] == 0 {
+            let written = write_in_place(shared, lane, &mut chunk);
+            routed.in_place[lane] = written;
+            bytes[lane] -= written;
+            if chunk.is_empty() {
+                continue;
+            }
         }
         let Some(tx) = writer(lane) else {
             continue;
@@ -1529,7 +1670,6 @@ fn route(
             shared.queued.fetch_sub(bytes[lane], Ordering::SeqCst);
             continue;
         }
-        total += bytes[lane];
     }
     let mut pause = Vec::new();
     // The filter's answers name processes the peer chose: they pause nobody.
@@ -1544,7 +1684,20 @@ fn route(
             pause.push(pid.into_owned());
         }
     }
-    (total, pause)
+    routed.pause = pause;
+    routed
+}
+
+/// What [`route`] did besides queueing.
+#[derive(Default)]
+struct Routed {
+    /// The senders to pause.
+    pause: Vec<Vec<u8>>,
+    /// Bytes each lane wrote in place.
+    in_place: [usize; LANES],
+    /// This thread's promise to poll the connection's driver, made before writing in
+    /// place.
+    poll: Option<runtime::PollHere>,
 }
 
 /// A barrier marker frame (length prefix and body) with these counts.
@@ -1554,17 +1707,9 @@ fn barrier_marker(counts: &[u64; LANES]) -> Bytes {
     Bytes::from(marker)
 }
 
-async fn writer(
-    shared: Arc<Shared>,
-    lane: usize,
-    mut stream: Option<quinn::SendStream>,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-) {
+async fn writer(shared: Arc<Shared>, lane: usize, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(64);
     let mut low_priority = false;
-    // The stream offset of the next byte written: lanes 1.. start with the byte that
-    // names the lane. (Lane 0 is never copied.)
-    let mut offset: u64 = 1;
     while let Some(first) = rx.recv().await {
         let mut closing = None;
         let mut flush = None;
@@ -1584,6 +1729,12 @@ async fn writer(
                 Err(_) => break,
             }
         }
+        // Out of its slot while this writes: a send writes in place only while it is
+        // there (and nothing is queued on the lane before it).
+        let (mut stream, offset) = match shared.streams[lane].lock() {
+            Ok(mut slot) => (slot.stream.take(), slot.offset),
+            Err(_) => return,
+        };
         if stream.is_none() && (!batch.is_empty() || closing.is_some()) {
             // Lanes 1.. open their stream on first use; its first byte names the lane.
             let opened = match shared.connection.open_uni().await {
@@ -1635,13 +1786,25 @@ async fn writer(
             }
         }
         batch.clear();
-        offset += len as u64;
+        if flush.is_none() {
+            // Back before the lane's queued bytes drop: a send that then finds the lane
+            // empty finds the stream too.
+            match shared.streams[lane].lock() {
+                Ok(mut slot) => {
+                    slot.stream = stream.take();
+                    slot.offset = offset + len as u64;
+                }
+                Err(_) => return,
+            }
+        }
         if let Some(copy) = copy {
             // Best effort: with the queue full, this write goes without a copy.
             let _ = shared.copies_out.try_send(copy);
         }
         if len > 0 {
-            shared.sharing.wrote(lane, std::time::Instant::now());
+            let now = std::time::Instant::now();
+            shared.sharing.wrote(lane, now);
+            shared.note_write(now);
             shared.writes.fetch_add(1, Ordering::Relaxed);
             if shared.probing.load(Ordering::Relaxed) {
                 shared.wrote.notify_one();
@@ -1672,8 +1835,13 @@ async fn writer(
             // process's packet goes out before the next bulk chunk.
             let behind = lane_queued > LANE_LOW_WATER;
             if behind != low_priority {
+                let priority = if behind { -1 } else { 0 };
                 if let Some(send) = stream.as_ref() {
-                    let _ = send.set_priority(if behind { -1 } else { 0 });
+                    let _ = send.set_priority(priority);
+                } else if let Ok(slot) = shared.streams[lane].lock() {
+                    if let Some(send) = slot.stream.as_ref() {
+                        let _ = send.set_priority(priority);
+                    }
                 }
                 low_priority = behind;
             }

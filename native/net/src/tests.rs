@@ -2670,3 +2670,122 @@ fn packets_with_shared_parts_arrive_whole_and_in_order() {
     }
     assert_eq!(got.len(), expected.len());
 }
+
+// ---------------------------------------------------------------------------------------
+// Sends written in place (see `link::write_in_place`).
+
+/// Sends small packets from process 1, one at a time, until one has been written and sent
+/// on the sending thread. (Not the first: a lane's stream is opened by its writer, and
+/// until the link knows its round trip is short the writers make the lane copies.) Each
+/// is received.
+fn until_a_send_leaves_in_place(a_end: &End, b_end: &End) {
+    let stats = a_end.link.stats();
+    let deadline = Instant::now() + WAIT;
+    for n in 0u32.. {
+        assert!(
+            Instant::now() < deadline,
+            "no send left from the sending thread within {WAIT:?}"
+        );
+        let before = stats.sent_in_place.load(Ordering::Relaxed);
+        let packet = send_sender(1, &n.to_be_bytes());
+        assert!(a_end.send(&[&packet]));
+        assert_eq!(b_end.receive(1), vec![packet]);
+        if stats.sent_in_place.load(Ordering::Relaxed) > before {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A send on a quiet link is written into QUIC and sent by the thread that sends it, so
+/// it does not wait for the transport thread: here that thread is held up for 800 ms, and
+/// the packet arrives long before.
+#[test]
+fn a_quiet_links_send_leaves_without_waiting_for_the_transport_thread() {
+    let (a, b) = two_nodes(settings(), settings());
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    until_a_send_leaves_in_place(&a_end, &b_end);
+    let stats = a_end.link.stats();
+    let (writes, sent) = (
+        stats.writes_in_place.load(Ordering::Relaxed),
+        stats.sent_in_place.load(Ordering::Relaxed),
+    );
+
+    let hold = Duration::from_millis(800);
+    let (holding, held) = mpsc::channel();
+    a.carrier.handle().expect("a's runtime").spawn(async move {
+        let _ = holding.send(());
+        std::thread::sleep(hold);
+    });
+    held.recv_timeout(WAIT)
+        .expect("a's transport thread runs the task");
+    // The link has been quiet for longer than it must be.
+    std::thread::sleep(Duration::from_millis(5));
+    // From the process the warm-up sent from: its lane's stream is open (lanes open on
+    // first use, by their writer).
+    let packet = send_sender(1, b"while the transport thread is busy");
+    let start = Instant::now();
+    assert!(a_end.send(&[&packet]));
+    assert_eq!(b_end.receive(1), vec![packet]);
+    let took = start.elapsed();
+    assert!(
+        took < hold / 2,
+        "the packet waited for a's transport thread: it took {took:?}"
+    );
+    assert_eq!(stats.writes_in_place.load(Ordering::Relaxed), writes + 1);
+    assert_eq!(stats.sent_in_place.load(Ordering::Relaxed), sent + 1);
+}
+
+/// Sends that write in place and sends the writers take, interleaved on the same lanes,
+/// keep every sender's order: a send writes in place only when nothing of its lane is
+/// still queued. Small sends come a little apart, so that the link is often quiet, and
+/// every ninth is large, so that the small ones behind it find their lane busy.
+#[test]
+fn sends_written_in_place_keep_each_senders_order_with_the_writers() {
+    let (a, b) = two_nodes(settings(), settings());
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    until_a_send_leaves_in_place(&a_end, &b_end);
+    let stats = a_end.link.stats();
+    let writes_before = stats.writes_in_place.load(Ordering::Relaxed);
+
+    const SENDERS: u32 = 6;
+    let packets: Vec<(u32, Vec<u8>)> = (0..900u32)
+        .map(|i| {
+            let from = 10 + i % SENDERS;
+            let len = if i % 9 == 4 { 150_000 } else { 24 };
+            let payload: Vec<u8> = (0..len).map(|k| (k as u32 * 31 + i) as u8).collect();
+            (from, send_sender(from, &payload))
+        })
+        .collect();
+    let got = std::thread::scope(|s| {
+        let receiver = s.spawn(|| b_end.receive(packets.len()));
+        for (_, packet) in &packets {
+            if !a_end.send(&[packet]) {
+                assert!(a_end.wait_writable(WAIT), "busy link never became writable");
+            }
+            let gap = Instant::now() + Duration::from_micros(70);
+            while Instant::now() < gap {
+                std::hint::spin_loop();
+            }
+        }
+        receiver.join().unwrap()
+    });
+    for from in 10..10 + SENDERS {
+        let sent: Vec<&Vec<u8>> = packets
+            .iter()
+            .filter(|(f, _)| *f == from)
+            .map(|(_, p)| p)
+            .collect();
+        let arrived: Vec<&Vec<u8>> = got.iter().filter(|p| sent.contains(p)).collect();
+        assert!(
+            sent == arrived,
+            "sender {from}: packets lost, altered or reordered"
+        );
+    }
+    let in_place = stats.writes_in_place.load(Ordering::Relaxed) - writes_before;
+    assert!(
+        in_place > 0 && in_place < packets.len() as u64,
+        "{in_place} of {} sends wrote in place: the test did not mix the two ways",
+        packets.len()
+    );
+}

@@ -29,7 +29,7 @@ mod atoms {
         trust_dist_accepted, trust_dist_connected, trust_dist_connect_failed, trust_dist_log,
         debug, info, notice, warning,
         certified_as, tier, fingerprint, mode, cross_tier, address, serial, not_after, issuer, full, restricted,
-        bytes_in, bytes_out, packets_in, packets_out, queued, lanes, reopenings, ticks_in, ticks_out, tail_probes, copies_out, copies_used, dropped_in,
+        bytes_in, bytes_out, packets_in, packets_out, queued, lanes, reopenings, ticks_in, ticks_out, tail_probes, copies_out, copies_used, dropped_in, writes_in_place, sent_in_place,
         identity, certificate, authorities, tiers, listen, node_name, runtime,
         policy, assertions, counters, denied, trust_dist_denied, revoked,
         peer, op, reason, outcome, detail, suppressed,
@@ -975,6 +975,8 @@ fn stats<'a>(env: Env<'a>, link: ResourceArc<LinkResource>) -> NifResult<Term<'a
         (atoms::copies_out(), &s.copies_out),
         (atoms::copies_used(), &s.copies_used),
         (atoms::dropped_in(), &s.dropped_in),
+        (atoms::writes_in_place(), &s.writes_in_place),
+        (atoms::sent_in_place(), &s.sent_in_place),
     ];
     let mut pairs: Vec<(Term, Term)> = counters
         .iter()
