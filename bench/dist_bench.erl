@@ -996,10 +996,12 @@ rtt(B, Warm, N, StarveMs) ->
               Echo = spawn(B, ?MODULE, echo, []),
               case pings(Echo, Warm, StarveMs, []) of
                   {ok, _} ->
+                      Before = in_place_counts(B),
                       R = pings(Echo, N, StarveMs, []),
+                      InPlace = in_place_since(Before, in_place_counts(B)),
                       Echo ! stop,
                       case R of
-                          {ok, Samples} -> {ok, (stats(Samples))#{warmup => Warm}};
+                          {ok, Samples} -> {ok, (stats(Samples))#{warmup => Warm, in_place => InPlace}};
                           {starved, S} -> {error, fmt("no echo within ~b ms after ~b round trips",
                                                       [StarveMs, length(S)])}
                       end;
@@ -1007,6 +1009,19 @@ rtt(B, Warm, N, StarveMs) ->
                       {error, fmt("no echo within ~b ms during warm-up", [StarveMs])}
               end
       end, budget(rtt, N)).
+
+%% trust only: how many of A's sends to B were written into QUIC on the sending scheduler,
+%% and how many of those also left from there (trust_dist:links/0).
+in_place_counts(B) ->
+    case link_info(B) of
+        [#{writes_in_place := W, sent_in_place := S, packets_out := P} | _] ->
+            #{writes => W, sent => S, packets_out => P};
+        _ -> #{}
+    end.
+
+in_place_since(Before, After) when map_size(Before) > 0, map_size(After) > 0 ->
+    maps:map(fun(K, V) -> V - maps:get(K, Before) end, After);
+in_place_since(_, _) -> #{}.
 
 send_loop(Dest, Msg, Deadline, Max, Check) -> send_loop(Dest, Msg, Deadline, Max, Check, 0).
 
@@ -1786,6 +1801,10 @@ fmt(F, A) -> lists:flatten(io_lib:format(F, A)).
 brief(_, {error, E}) -> "FAILED: " ++ truncate(E, 300);
 brief(setup, {ok, #{median_ms := M, samples_ms := S}}) -> fmt("median ~.2f ms ~0p", [float(M), S]);
 brief(reconnect, {ok, #{median_ms := M, samples_ms := S}}) -> fmt("median ~.2f ms ~0p", [float(M), S]);
+brief(rtt, {ok, #{p50_us := P50, p99_us := P99, n := N,
+                  in_place := #{writes := W, sent := S, packets_out := P}}}) ->
+    fmt("p50 ~.1f us, p99 ~.1f us (n=~b; of A's ~b packets, ~b written and ~b sent "
+        "on the sending scheduler)", [P50, P99, N, P, W, S]);
 brief(rtt, {ok, #{p50_us := P50, p99_us := P99, n := N}}) ->
     fmt("p50 ~.1f us, p99 ~.1f us (n=~b)", [P50, P99, N]);
 brief(loss_ping, {ok, #{na := Why}}) -> "n/a: " ++ binary_to_list(Why);

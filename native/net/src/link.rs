@@ -465,6 +465,48 @@ struct SendLanes {
     /// Processes paused because their lane went over its high-water mark (their pids as
     /// the packets encode them), resumed together when it drains.
     paused: Vec<Vec<Vec<u8>>>,
+    /// Whether the peer is sending much: [`Inbound::busy`].
+    inbound: Inbound,
+}
+
+/// How fast the peer's data came lately, for sends that would write in place: a turn of
+/// the connection's driver takes in every datagram that waits for it before it sends
+/// (unbounded off the transport thread, where tokio's task budget does not apply), so
+/// while the peer streams to us, a scheduler polling it could be held for milliseconds.
+struct Inbound {
+    since: std::time::Instant,
+    bytes_then: u64,
+    busy: bool,
+}
+
+/// The peer's data rate over which a link is busy inbound: 16 MB/s. A ping-pong of small
+/// messages brings about 1 MB/s; a stream of them or of large ones, far more.
+const INBOUND_BUSY_BYTES_PER_MS: u64 = 16 * 1000;
+/// How often the rate is taken again (as sends come; it is the rate since the last).
+const INBOUND_RATE_EVERY: std::time::Duration = std::time::Duration::from_millis(1);
+
+impl Inbound {
+    fn new(now: std::time::Instant) -> Self {
+        Inbound {
+            since: now,
+            bytes_then: 0,
+            busy: true,
+        }
+    }
+
+    /// Whether the peer sent more than [`INBOUND_BUSY_BYTES_PER_MS`] since the rate was
+    /// last taken, `bytes_in` being every byte received so far.
+    fn busy(&mut self, now: std::time::Instant, bytes_in: u64) -> bool {
+        let elapsed = now.saturating_duration_since(self.since);
+        if elapsed >= INBOUND_RATE_EVERY {
+            let bytes = bytes_in.saturating_sub(self.bytes_then);
+            let allowed = INBOUND_BUSY_BYTES_PER_MS.saturating_mul(elapsed.as_millis() as u64);
+            self.busy = bytes > allowed;
+            self.since = now;
+            self.bytes_then = bytes_in;
+        }
+        self.busy
+    }
 }
 
 /// What [`Link::send_packets`] did.
@@ -1300,6 +1342,7 @@ fn spawn_link(
             reopenings: 0,
             queued: [0; LANES],
             paused: (0..LANES).map(|_| Vec::new()).collect(),
+            inbound: Inbound::new(std::time::Instant::now()),
         }),
         inbox: Mutex::new(Inbox::default()),
         arrived: tokio::sync::Notify::new(),
@@ -1398,7 +1441,8 @@ impl Default for LaneStream {
 
 /// How long a link must have written nothing for a send to write in place. A quiet link's
 /// packet then leaves from the sending thread; a busy link's writer batches many sends
-/// into one write and fills whole packets, which writes in place would break up.
+/// into one write and fills whole packets, which writes in place would break up. (The
+/// peer must also be sending little: see [`Inbound`].)
 const IN_PLACE_QUIET: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// The most a send writes in place: one turn of the connection's driver sends it.
@@ -1447,10 +1491,13 @@ fn write_in_place(shared: &Shared, lane: usize, chunk: &mut Vec<Bytes>) -> usize
     written.bytes
 }
 
-/// After a send wrote in place: what a writer records after its writes, then a turn of
-/// the connection's driver on this thread, so that the packet leaves now rather than when
-/// the transport thread wakes.
+/// After a send wrote in place: a turn of the connection's driver on this thread, so that
+/// the packet leaves now rather than when the transport thread wakes, then what a writer
+/// records after its writes.
 fn wrote_in_place(shared: &Shared, poll: runtime::PollHere, in_place: &[usize; LANES]) {
+    if poll.poll() {
+        shared.stats.sent_in_place.fetch_add(1, Ordering::Relaxed);
+    }
     let now = std::time::Instant::now();
     for (lane, _) in in_place.iter().enumerate().filter(|(_, &bytes)| bytes > 0) {
         shared.sharing.wrote(lane, now);
@@ -1462,9 +1509,6 @@ fn wrote_in_place(shared: &Shared, poll: runtime::PollHere, in_place: &[usize; L
         .bytes_out
         .fetch_add(in_place.iter().sum::<usize>() as u64, Ordering::Relaxed);
     shared.stats.writes_in_place.fetch_add(1, Ordering::Relaxed);
-    if poll.poll() {
-        shared.stats.sent_in_place.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 /// What a lane's writer task is asked to do, in order.
@@ -1639,22 +1683,34 @@ fn route(
     let mut routed = Routed::default();
     // A quiet link's sends write in place (see `write_in_place`). Not while the lanes'
     // copies are made: the writers make them.
-    let in_place = from_vm
-        && shared.driver.is_some()
+    let now = std::time::Instant::now();
+    let in_place = if from_vm
         && !shared.probing.load(Ordering::Relaxed)
         && bytes.iter().sum::<usize>() <= IN_PLACE_MAX_BYTES
-        && shared.quiet_at(std::time::Instant::now());
-    if in_place {
-        routed.poll = shared.driver.as_ref().map(|driver| driver.about_to_poll());
-    }
+        && shared.quiet_at(now)
+    {
+        let bytes_in = shared.stats.bytes_in.load(Ordering::Relaxed);
+        let busy = state.inbound.busy(now, bytes_in);
+        shared.driver.as_ref().filter(|_| !busy)
+    } else {
+        None
+    };
     for (lane, mut chunk) in chunks.into_iter().enumerate() {
         if chunk.is_empty() {
             continue;
         }
-        if in_place && state.queued[lane] == 0 {
+        if let Some(driver) = in_place.filter(|_| state.queued[lane] == 0) {
+            // Promised before the write, whose wake-up of the driver it holds back.
+            if routed.poll.is_none() {
+                routed.poll = Some(driver.about_to_poll());
+            }
             let written = write_in_place(shared, lane, &mut chunk);
             routed.in_place[lane] = written;
             bytes[lane] -= written;
+            if routed.in_place.iter().all(|&bytes| bytes == 0) {
+                // Nothing to send: whatever the driver was woken for is its task's.
+                routed.poll = None;
+            }
             if chunk.is_empty() {
                 continue;
             }

@@ -77,6 +77,10 @@ impl quinn::Runtime for TransportRuntime {
         }
     }
 
+    fn now(&self) -> Instant {
+        quinn::TokioRuntime.now()
+    }
+
     fn wrap_udp_socket(
         &self,
         socket: std::net::UdpSocket,
@@ -208,8 +212,10 @@ pub(crate) struct PollHere(Arc<Driver>);
 impl PollHere {
     /// Polls the driver on this thread, unless another thread is polling it or its task
     /// has not polled it yet; then hands the driver's task any wake-up that came in the
-    /// meantime. Returns whether it polled. A poll sends at most what quinn sends in one
-    /// turn (20 datagrams).
+    /// meantime. Returns whether it polled. A poll sends at most 20 datagrams, as one
+    /// turn of quinn's does, but first takes in every datagram that waits for the
+    /// connection, however many (tokio's task budget does not reach here): callers poll
+    /// only while the peer sends little.
     pub(crate) fn poll(self) -> bool {
         self.0.poll_once()
     }
@@ -227,6 +233,19 @@ impl Drop for PollHere {
 
 /// The driver's task on the transport thread.
 struct OnRuntime(Arc<Driver>);
+
+impl Drop for OnRuntime {
+    /// The driver goes with its task (when the runtime shuts down, say), as it did on
+    /// tokio's own runtime: polled elsewhere after that, its timer would panic.
+    fn drop(&mut self) {
+        let future = match self.0.state.lock() {
+            Ok(mut state) => state.future.take(),
+            Err(poisoned) => poisoned.into_inner().future.take(),
+        };
+        // Outside the lock: dropping the driver may wake it.
+        drop(future);
+    }
+}
 
 impl Future for OnRuntime {
     type Output = ();

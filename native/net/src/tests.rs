@@ -2753,7 +2753,9 @@ fn sends_written_in_place_keep_each_senders_order_with_the_writers() {
         .map(|i| {
             let from = 10 + i % SENDERS;
             let len = if i % 9 == 4 { 150_000 } else { 24 };
-            let payload: Vec<u8> = (0..len).map(|k| (k as u32 * 31 + i) as u8).collect();
+            // Every packet distinct: its index first.
+            let mut payload = i.to_be_bytes().to_vec();
+            payload.extend((0..len).map(|k| (k as u32 * 31 + i) as u8));
             (from, send_sender(from, &payload))
         })
         .collect();
@@ -2787,5 +2789,56 @@ fn sends_written_in_place_keep_each_senders_order_with_the_writers() {
         in_place > 0 && in_place < packets.len() as u64,
         "{in_place} of {} sends wrote in place: the test did not mix the two ways",
         packets.len()
+    );
+}
+
+/// While the peer streams to us, sends do not write in place: the driver's turn would
+/// first take in the datagrams waiting for it, on the sending thread (a BEAM scheduler).
+#[test]
+fn sends_do_not_write_in_place_while_the_peer_streams_to_us() {
+    let (a, b) = two_nodes(settings(), settings());
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    until_a_send_leaves_in_place(&a_end, &b_end);
+    let stats = a_end.link.stats();
+
+    const BULK: usize = 800;
+    let bulk: Vec<Vec<u8>> = (0..BULK).map(|i| numbered(i, 64 * 1024)).collect();
+    let streaming = AtomicBool::new(true);
+    let (sends, in_place) = std::thread::scope(|s| {
+        s.spawn(|| {
+            // Queued whether or not the link says it is busy.
+            for packet in &bulk {
+                b_end.send(&[packet]);
+            }
+        });
+        let receiver = s.spawn(|| {
+            let got = a_end.receive(BULK);
+            streaming.store(false, Ordering::SeqCst);
+            got
+        });
+        // Once the stream is under way, small sends a little apart, as long as it lasts.
+        let deadline = Instant::now() + WAIT;
+        while stats.bytes_in.load(Ordering::Relaxed) < 4 * 1024 * 1024 {
+            assert!(Instant::now() < deadline, "the stream did not start");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let before = stats.writes_in_place.load(Ordering::Relaxed);
+        let mut sends = 0u32;
+        while streaming.load(Ordering::SeqCst) {
+            assert!(a_end.send(&[&send_sender(1, &sends.to_be_bytes())]));
+            sends += 1;
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        let in_place = stats.writes_in_place.load(Ordering::Relaxed) - before;
+        assert!(
+            receiver.join().unwrap() == bulk,
+            "the stream arrived altered"
+        );
+        (sends, in_place)
+    });
+    assert!(sends >= 20, "only {sends} sends while the stream lasted");
+    assert!(
+        in_place * 10 <= u64::from(sends),
+        "{in_place} of {sends} sends wrote in place while the peer streamed"
     );
 }
