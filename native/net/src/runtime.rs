@@ -9,7 +9,7 @@
 //! home: it is still woken, and polls it for everything else (timers, received packets,
 //! transmits that had to wait).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -86,7 +86,95 @@ impl quinn::Runtime for TransportRuntime {
         socket: std::net::UdpSocket,
     ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
         let _entered = self.handle.enter();
-        quinn::TokioRuntime.wrap_udp_socket(socket)
+        Ok(Arc::new(UdpSocket {
+            state: quinn::udp::UdpSocketState::new((&socket).into())?,
+            io: tokio::net::UdpSocket::from_std(socket)?,
+        }))
+    }
+}
+
+/// The endpoint's socket, as quinn's tokio runtime wraps it, except that a driver polled
+/// in place sends only one datagram there (see [`IN_PLACE_TRANSMITS`]).
+#[derive(Debug)]
+struct UdpSocket {
+    io: tokio::net::UdpSocket,
+    state: quinn::udp::UdpSocketState,
+}
+
+thread_local! {
+    /// While a driver is polled in place: how many more transmits it may send here, each
+    /// of one datagram. The first holds the packet just written (QUIC sends the quiet
+    /// lane before a lane with a backlog); the rest, such as a bulk transfer's next
+    /// datagrams, are the transport thread's, so that a scheduler does not encrypt and
+    /// send them.
+    static IN_PLACE_TRANSMITS: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+impl quinn::AsyncUdpSocket for UdpSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
+        Box::pin(Writable(self))
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.io.try_io(tokio::io::Interest::WRITABLE, || {
+            self.state.send((&self.io).into(), transmit)
+        })
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            std::task::ready!(self.io.poll_recv_ready(cx))?;
+            if let Ok(received) = self.io.try_io(tokio::io::Interest::READABLE, || {
+                self.state.recv((&self.io).into(), bufs, meta)
+            }) {
+                return Poll::Ready(Ok(received));
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.io.local_addr()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.state.may_fragment()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        // A driver polled in place asks this before its first transmit: one datagram.
+        match IN_PLACE_TRANSMITS.get() {
+            Some(_) => 1,
+            None => self.state.max_gso_segments(),
+        }
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.state.gro_segments()
+    }
+}
+
+/// quinn asks this before each transmit.
+#[derive(Debug)]
+struct Writable(Arc<UdpSocket>);
+
+impl quinn::UdpPoller for Writable {
+    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<std::io::Result<()>> {
+        match IN_PLACE_TRANSMITS.get() {
+            Some(0) => {
+                // The driver's task sends the rest: this wake-up reaches it when the poll
+                // in place ends.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Some(left) => IN_PLACE_TRANSMITS.set(Some(left - 1)),
+            None => {}
+        }
+        self.0.io.poll_send_ready(cx)
     }
 }
 
@@ -193,11 +281,13 @@ impl Driver {
         // The wake-ups until now are this poll's to answer.
         self.woken.store(false, Ordering::SeqCst);
         let _entered = self.handle.enter();
-        if task
+        IN_PLACE_TRANSMITS.set(Some(1));
+        let done = task
             .as_mut()
             .poll(&mut Context::from_waker(waker))
-            .is_ready()
-        {
+            .is_ready();
+        IN_PLACE_TRANSMITS.set(None);
+        if done {
             *future = None;
             // Lets the task see that the driver is done.
             self.woken.store(true, Ordering::SeqCst);
@@ -212,10 +302,9 @@ pub(crate) struct PollHere(Arc<Driver>);
 impl PollHere {
     /// Polls the driver on this thread, unless another thread is polling it or its task
     /// has not polled it yet; then hands the driver's task any wake-up that came in the
-    /// meantime. Returns whether it polled. A poll sends at most 20 datagrams, as one
-    /// turn of quinn's does, but first takes in every datagram that waits for the
-    /// connection, however many (tokio's task budget does not reach here): callers poll
-    /// only while the peer sends little.
+    /// meantime. Returns whether it polled. A poll sends one datagram, but first takes in
+    /// every datagram that waits for the connection, however many (tokio's task budget
+    /// does not reach here): callers poll only while the peer sends little.
     pub(crate) fn poll(self) -> bool {
         self.0.poll_once()
     }

@@ -2842,3 +2842,38 @@ fn sends_do_not_write_in_place_while_the_peer_streams_to_us() {
         "{in_place} of {sends} sends wrote in place while the peer streamed"
     );
 }
+
+/// A driver polled in place sends one datagram from the sending thread (the one that
+/// holds the packet just written) and leaves the rest of what QUIC has to send to the
+/// transport thread: here the rest of a 15 kB packet (at most 1472 bytes a datagram),
+/// while that thread is held up.
+#[test]
+fn a_send_in_place_sends_one_datagram_and_leaves_the_rest_to_the_transport_thread() {
+    let (a, b) = two_nodes(settings(), settings());
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    until_a_send_leaves_in_place(&a_end, &b_end);
+    let stats = a_end.link.stats();
+    let sent = stats.sent_in_place.load(Ordering::Relaxed);
+
+    let hold = Duration::from_millis(600);
+    let (holding, held) = mpsc::channel();
+    a.carrier.handle().expect("a's runtime").spawn(async move {
+        let _ = holding.send(());
+        std::thread::sleep(hold);
+    });
+    held.recv_timeout(WAIT)
+        .expect("a's transport thread runs the task");
+    std::thread::sleep(Duration::from_millis(5));
+    let before = a_end.link.quic_stats().udp_tx.datagrams;
+    let packet = send_sender(1, &[7u8; 15_000]);
+    assert!(a_end.send(&[&packet]));
+    assert_eq!(stats.sent_in_place.load(Ordering::Relaxed), sent + 1);
+    // QUIC counts a datagram when it builds it: the one sent, and the next, built and
+    // then held for the transport thread.
+    let built = a_end.link.quic_stats().udp_tx.datagrams - before;
+    assert!(
+        (1..=2).contains(&built),
+        "{built} datagrams were built on the sending thread"
+    );
+    assert_eq!(b_end.receive(1), vec![packet]);
+}
