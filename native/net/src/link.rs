@@ -1441,8 +1441,11 @@ impl Default for LaneStream {
 
 /// How long a link must have written nothing for a send to write in place. A quiet link's
 /// packet then leaves from the sending thread; a busy link's writer batches many sends
-/// into one write and fills whole packets, which writes in place would break up. (The
-/// peer must also be sending little: see [`Inbound`].)
+/// into one write and fills whole packets, which writes in place would break up. (No lane
+/// may have anything queued either, and the peer must be sending little: see
+/// [`Inbound`]. Beside a bulk transfer, sends in place made a ping's p99 1.5-2.8 ms
+/// against 0.95-0.99 without: a turn of the driver there takes in the transfer's
+/// acknowledgements.)
 const IN_PLACE_QUIET: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// The most a send writes in place: one turn of the connection's driver sends it.
@@ -1687,6 +1690,7 @@ fn route(
     let in_place = if from_vm
         && !shared.probing.load(Ordering::Relaxed)
         && bytes.iter().sum::<usize>() <= IN_PLACE_MAX_BYTES
+        && shared.queued.load(Ordering::SeqCst) == 0
         && shared.quiet_at(now)
     {
         let bytes_in = shared.stats.bytes_in.load(Ordering::Relaxed);
