@@ -86,20 +86,16 @@ impl quinn::Runtime for TransportRuntime {
         socket: std::net::UdpSocket,
     ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
         let _entered = self.handle.enter();
-        Ok(Arc::new(UdpSocket {
-            state: quinn::udp::UdpSocketState::new((&socket).into())?,
-            io: tokio::net::UdpSocket::from_std(socket)?,
-        }))
+        Ok(Arc::new(UdpSocket(
+            quinn::TokioRuntime.wrap_udp_socket(socket)?,
+        )))
     }
 }
 
-/// The endpoint's socket, as quinn's tokio runtime wraps it, except that a driver polled
-/// in place sends only one datagram there (see [`IN_PLACE_TRANSMITS`]).
+/// The endpoint's socket as quinn's tokio runtime wraps it, except that a driver polled in
+/// place sends only one datagram there (see [`IN_PLACE_TRANSMITS`]).
 #[derive(Debug)]
-struct UdpSocket {
-    io: tokio::net::UdpSocket,
-    state: quinn::udp::UdpSocketState,
-}
+struct UdpSocket(Arc<dyn quinn::AsyncUdpSocket>);
 
 thread_local! {
     /// While a driver is polled in place: how many more transmits it may send here, each
@@ -112,13 +108,13 @@ thread_local! {
 
 impl quinn::AsyncUdpSocket for UdpSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
-        Box::pin(Writable(self))
+        // quinn's own poller underneath: it keeps a waker per connection, where the
+        // socket keeps only one.
+        Box::pin(Writable(self.0.clone().create_io_poller()))
     }
 
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
-        self.io.try_io(tokio::io::Interest::WRITABLE, || {
-            self.state.send((&self.io).into(), transmit)
-        })
+        self.0.try_send(transmit)
     }
 
     fn poll_recv(
@@ -127,43 +123,36 @@ impl quinn::AsyncUdpSocket for UdpSocket {
         bufs: &mut [std::io::IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> Poll<std::io::Result<usize>> {
-        loop {
-            std::task::ready!(self.io.poll_recv_ready(cx))?;
-            if let Ok(received) = self.io.try_io(tokio::io::Interest::READABLE, || {
-                self.state.recv((&self.io).into(), bufs, meta)
-            }) {
-                return Poll::Ready(Ok(received));
-            }
-        }
+        self.0.poll_recv(cx, bufs, meta)
     }
 
     fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.io.local_addr()
+        self.0.local_addr()
     }
 
     fn may_fragment(&self) -> bool {
-        self.state.may_fragment()
+        self.0.may_fragment()
     }
 
     fn max_transmit_segments(&self) -> usize {
         // A driver polled in place asks this before its first transmit: one datagram.
         match IN_PLACE_TRANSMITS.get() {
             Some(_) => 1,
-            None => self.state.max_gso_segments(),
+            None => self.0.max_transmit_segments(),
         }
     }
 
     fn max_receive_segments(&self) -> usize {
-        self.state.gro_segments()
+        self.0.max_receive_segments()
     }
 }
 
 /// quinn asks this before each transmit.
 #[derive(Debug)]
-struct Writable(Arc<UdpSocket>);
+struct Writable(Pin<Box<dyn quinn::UdpPoller>>);
 
 impl quinn::UdpPoller for Writable {
-    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<std::io::Result<()>> {
+    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<std::io::Result<()>> {
         match IN_PLACE_TRANSMITS.get() {
             Some(0) => {
                 // The driver's task sends the rest: this wake-up reaches it when the poll
@@ -174,7 +163,23 @@ impl quinn::UdpPoller for Writable {
             Some(left) => IN_PLACE_TRANSMITS.set(Some(left - 1)),
             None => {}
         }
-        self.0.io.poll_send_ready(cx)
+        self.0.as_mut().poll_writable(cx)
+    }
+}
+
+/// Sets [`IN_PLACE_TRANSMITS`] for a poll in place, and clears it however the poll ends.
+struct InPlaceTransmits;
+
+impl InPlaceTransmits {
+    fn allow(transmits: usize) -> Self {
+        IN_PLACE_TRANSMITS.set(Some(transmits));
+        InPlaceTransmits
+    }
+}
+
+impl Drop for InPlaceTransmits {
+    fn drop(&mut self) {
+        IN_PLACE_TRANSMITS.set(None);
     }
 }
 
@@ -281,12 +286,12 @@ impl Driver {
         // The wake-ups until now are this poll's to answer.
         self.woken.store(false, Ordering::SeqCst);
         let _entered = self.handle.enter();
-        IN_PLACE_TRANSMITS.set(Some(1));
+        let one = InPlaceTransmits::allow(1);
         let done = task
             .as_mut()
             .poll(&mut Context::from_waker(waker))
             .is_ready();
-        IN_PLACE_TRANSMITS.set(None);
+        drop(one);
         if done {
             *future = None;
             // Lets the task see that the driver is done.
@@ -302,9 +307,11 @@ pub(crate) struct PollHere(Arc<Driver>);
 impl PollHere {
     /// Polls the driver on this thread, unless another thread is polling it or its task
     /// has not polled it yet; then hands the driver's task any wake-up that came in the
-    /// meantime. Returns whether it polled. A poll sends one datagram, but first takes in
-    /// every datagram that waits for the connection, however many (tokio's task budget
-    /// does not reach here): callers poll only while the peer sends little.
+    /// meantime. Returns whether it polled. A poll sends one datagram (unless the task
+    /// left a transmit that found the socket full: quinn sends that first, up to a GSO
+    /// batch of 10), but first takes in every datagram that waits for the connection,
+    /// however many (tokio's task budget does not reach here): callers poll only while
+    /// the peer sends little.
     pub(crate) fn poll(self) -> bool {
         self.0.poll_once()
     }

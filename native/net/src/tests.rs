@@ -2855,11 +2855,12 @@ fn a_send_in_place_sends_one_datagram_and_leaves_the_rest_to_the_transport_threa
     let stats = a_end.link.stats();
     let sent = stats.sent_in_place.load(Ordering::Relaxed);
 
-    let hold = Duration::from_millis(600);
+    // Held until the datagrams are counted.
     let (holding, held) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
     a.carrier.handle().expect("a's runtime").spawn(async move {
         let _ = holding.send(());
-        std::thread::sleep(hold);
+        let _ = released.recv_timeout(WAIT);
     });
     held.recv_timeout(WAIT)
         .expect("a's transport thread runs the task");
@@ -2871,6 +2872,7 @@ fn a_send_in_place_sends_one_datagram_and_leaves_the_rest_to_the_transport_threa
     // QUIC counts a datagram when it builds it: the one sent, and the next, built and
     // then held for the transport thread.
     let built = a_end.link.quic_stats().udp_tx.datagrams - before;
+    release.send(()).unwrap();
     assert!(
         (1..=2).contains(&built),
         "{built} datagrams were built on the sending thread"
