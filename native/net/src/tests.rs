@@ -2697,6 +2697,15 @@ fn until_a_send_leaves_in_place(a_end: &End, b_end: &End) {
     }
 }
 
+/// A link from a to b on which a's sends have begun to leave in place; the nodes must
+/// outlive it.
+fn link_sending_in_place() -> (Node, Node, End, End) {
+    let (a, b) = two_nodes(settings(), settings());
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    until_a_send_leaves_in_place(&a_end, &b_end);
+    (a, b, a_end, b_end)
+}
+
 /// Holds `node`'s transport thread with a task that blocks it, until the returned sender
 /// is used or dropped (or twice [`WAIT`] passes: longer than any wait for an event, so a
 /// test that waits for what the held thread would do fails first); returns once the
@@ -2721,9 +2730,7 @@ fn hold_transport_thread(node: &Node) -> mpsc::Sender<()> {
 /// packet has arrived.
 #[test]
 fn a_quiet_links_send_leaves_without_waiting_for_the_transport_thread() {
-    let (a, b) = two_nodes(settings(), settings());
-    let (a_end, b_end) = link_up(&a, &b, A, B);
-    until_a_send_leaves_in_place(&a_end, &b_end);
+    let (a, _b, a_end, b_end) = link_sending_in_place();
     let stats = a_end.link.stats();
     let (writes, sent) = (
         stats.writes_in_place.load(Ordering::Relaxed),
@@ -2750,9 +2757,7 @@ fn a_quiet_links_send_leaves_without_waiting_for_the_transport_thread() {
 /// every ninth is large, so that the small ones behind it find their lane busy.
 #[test]
 fn sends_written_in_place_keep_each_senders_order_with_the_writers() {
-    let (a, b) = two_nodes(settings(), settings());
-    let (a_end, b_end) = link_up(&a, &b, A, B);
-    until_a_send_leaves_in_place(&a_end, &b_end);
+    let (_a, _b, a_end, b_end) = link_sending_in_place();
     let stats = a_end.link.stats();
     let writes_before = stats.writes_in_place.load(Ordering::Relaxed);
 
@@ -2804,9 +2809,7 @@ fn sends_written_in_place_keep_each_senders_order_with_the_writers() {
 /// first take in the datagrams waiting for it, on the sending thread (a BEAM scheduler).
 #[test]
 fn sends_do_not_write_in_place_while_the_peer_streams_to_us() {
-    let (a, b) = two_nodes(settings(), settings());
-    let (a_end, b_end) = link_up(&a, &b, A, B);
-    until_a_send_leaves_in_place(&a_end, &b_end);
+    let (_a, _b, a_end, b_end) = link_sending_in_place();
     let stats = a_end.link.stats();
 
     const BULK: usize = 800;
@@ -2857,9 +2860,7 @@ fn sends_do_not_write_in_place_while_the_peer_streams_to_us() {
 /// while that thread is held up.
 #[test]
 fn a_send_in_place_sends_one_datagram_and_leaves_the_rest_to_the_transport_thread() {
-    let (a, b) = two_nodes(settings(), settings());
-    let (a_end, b_end) = link_up(&a, &b, A, B);
-    until_a_send_leaves_in_place(&a_end, &b_end);
+    let (a, _b, a_end, b_end) = link_sending_in_place();
     let stats = a_end.link.stats();
     let sent = stats.sent_in_place.load(Ordering::Relaxed);
 
