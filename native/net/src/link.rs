@@ -1465,7 +1465,7 @@ impl Shared {
 }
 
 /// Writes `chunk` straight into the lane's QUIC stream, on the calling thread, when the
-/// lane has nothing queued before it (the caller checked, under the lane lock) and its
+/// link has nothing queued (the caller checked, under the lane lock) and the lane's
 /// writer is not using the stream. Returns the bytes written; what is left of `chunk`
 /// goes to the writer as usual. Lane order holds: the writer puts the stream back before
 /// it counts its last bytes as written, so nothing of the lane is still to be written.
@@ -1685,25 +1685,28 @@ fn route(
     } = split;
     let mut routed = Routed::default();
     // A quiet link's sends write in place (see `write_in_place`). Not while the lanes'
-    // copies are made: the writers make them.
-    let now = std::time::Instant::now();
+    // copies are made: the writers make them. With nothing queued on the link (read
+    // under the lane lock, and the writers count a lane down before the link), no lane
+    // has anything still to write before this send: that is what keeps each lane's
+    // order, as well as keeping sends beside a bulk transfer with the writers.
     let in_place = if from_vm
+        && shared.driver.is_some()
         && !shared.probing.load(Ordering::Relaxed)
-        && bytes.iter().sum::<usize>() <= IN_PLACE_MAX_BYTES
         && shared.queued.load(Ordering::SeqCst) == 0
-        && shared.quiet_at(now)
+        && bytes.iter().sum::<usize>() <= IN_PLACE_MAX_BYTES
     {
+        let now = std::time::Instant::now();
         let bytes_in = shared.stats.bytes_in.load(Ordering::Relaxed);
-        let busy = state.inbound.busy(now, bytes_in);
-        shared.driver.as_ref().filter(|_| !busy)
+        shared.quiet_at(now) && !state.inbound.busy(now, bytes_in)
     } else {
-        None
+        false
     };
+    let in_place = shared.driver.as_ref().filter(|_| in_place);
     for (lane, mut chunk) in chunks.into_iter().enumerate() {
         if chunk.is_empty() {
             continue;
         }
-        if let Some(driver) = in_place.filter(|_| state.queued[lane] == 0) {
+        if let Some(driver) = in_place {
             // Promised before the write, whose wake-up of the driver it holds back.
             if routed.poll.is_none() {
                 routed.poll = Some(driver.about_to_poll());
