@@ -8,6 +8,7 @@
 #   - the code loading mode of each node;
 #   - a remote shell (`bin/hello_rel remote`, `bin/trust-console remote_console`) runs a
 #     command on the node, driven through a pseudo-terminal;
+#   - the relx helpers leave the vm.args and sys.config a node booted from alone;
 #   - `stop` ends each node.
 # Every wait is bounded; no process is left behind (whatever started under the work
 # directory is killed on exit). Exits 0 only if every check held.
@@ -57,6 +58,17 @@ check() {
     fi
   done
   ok "$what"
+}
+# show_logs DIR: the end of each log a node left in DIR, so that CI's output says why.
+show_logs() {
+  local f
+  for f in "$1"/*; do
+    [ -f "$f" ] || continue
+    echo "      --- the end of $f:" >&2
+    tail -n 40 "$f" | sed 's/^/      | /' >&2
+  done
+  echo "      --- epmd -names:" >&2
+  epmd -names 2>&1 | sed 's/^/      | /' >&2
 }
 # until_ok SECONDS COMMAND...: retries COMMAND (each try bounded) until it succeeds.
 until_ok() {
@@ -163,7 +175,7 @@ mixcmd "$mix_a" embedded daemon
 mixcmd "$mix_b" interactive daemon
 for n in "$mix_a" "$mix_b"; do
   until_ok 40 env $(mix_env "$n" embedded) "$mixrel/bin/hello_rel" rpc 'IO.puts(:up)' \
-    || fail "$n did not come up (log: $work/mix_tmp_$n/log)"
+    || { fail "$n did not come up"; show_logs "$work/mix_tmp_$n/log"; }
 done
 mix_pid_a=$(mixcmd "$mix_a" embedded pid | tr -d '\r' | tail -n1)
 mix_pid_b=$(mixcmd "$mix_b" interactive pid | tr -d '\r' | tail -n1)
@@ -220,8 +232,12 @@ rebcmd() { # rebcmd NAME MODE ARGS...: through bin/trust-console (see its header
   mkdir -p "$work/relx_$n"
   env $(reb_env "$n" "$m") timeout 90 "$rebarrel/bin/trust-console" "$@"
 }
-rebcmd "$reb_a" embedded daemon || fail "$reb_a did not start (log: $work/relx_log_$reb_a)"
-rebcmd "$reb_b" interactive daemon || fail "$reb_b did not start (log: $work/relx_log_$reb_b)"
+rebcmd "$reb_a" embedded daemon || { fail "$reb_a did not start"; show_logs "$work/relx_log_$reb_a"; }
+rebcmd "$reb_b" interactive daemon || { fail "$reb_b did not start"; show_logs "$work/relx_log_$reb_b"; }
+# What each node booted from: relx renders these at every run of bin/hello_rel, so a helper
+# that rendered into the node's directory could hand a booting node a half-written file.
+rendered() { stat -c '%n %y' "$work/relx_$1/vm.args" "$work/relx_$1/sys.config" 2>&1; }
+booted_from_a=$(rendered "$reb_a") booted_from_b=$(rendered "$reb_b")
 reb_pid_a=$(rebcmd "$reb_a" embedded pid 2>/dev/null | tail -n1 | tr -d '\r"')
 reb_pid_b=$(rebcmd "$reb_b" interactive pid 2>/dev/null | tail -n1 | tr -d '\r"')
 
@@ -252,6 +268,15 @@ for spec in "$reb_a:embedded" "$reb_b:interactive"; do
     'io:format("~s ~s ~p ~p ~p~n", ["REMSH", "OK", node(), code:get_mode(), node(group_leader())]).' \
     "REMSH OK")
   check "rebar3 remote shell on $n" "$out" "REMSH OK '$n@$host' $m 'rpc-[0-9a-f]+-$n@$host'"
+done
+
+for spec in "$reb_a:$booted_from_a" "$reb_b:$booted_from_b"; do
+  n=${spec%%:*}
+  if [ "$(rendered "$n")" = "${spec#*:}" ]; then
+    ok "rebar3 $n: the helpers left the vm.args and sys.config the node booted from alone"
+  else
+    fail "rebar3 $n: a helper rewrote the node's rendered files: before: ${spec#*:}; now: $(rendered "$n")"
+  fi
 done
 
 step "rebar3 release: stop"
