@@ -25,11 +25,20 @@
 //! the hosts' own scheduling) the floor is the window. Which floor depends on whether the
 //! link's lanes share it ([`LaneSharing`]):
 //!
-//! - While two lanes take turns, [`SHARED_MIN_CAP`] (64 KiB): a ping on one waits behind
-//!   at most that much of a bulk transfer on another. On the 2-core development machine,
-//!   `make bench`: ping p99 beside a 1 MiB bulk transfer 0.70-0.99 ms in 10 of 14 runs and
-//!   1.02-1.57 ms in the rest (3.3-21 ms unbounded); with 128, 256 or 512 KiB in flight
-//!   instead, 1.2-1.4, 1.5-5.9 and 3.9-11 ms.
+//! - While two lanes take turns and one of them carries large messages (one of at least
+//!   [`LARGE_MESSAGE`] queued within [`SHARED_FOR`]), [`SHARED_BESIDE_LARGE_MIN_CAP`]
+//!   (24 KiB): a ping on one waits behind at most that much of a bulk transfer on
+//!   another. On the 2-core development machine, `make bench`'s steps for trust alone in
+//!   alternating runs: ping p99 beside a 1 MiB bulk transfer 466-536 µs in four runs
+//!   (bulk 241-288 MB/s meanwhile), against 743-2863 µs with 64 KiB (bulk 350-453
+//!   MB/s); 16 KiB gave 302-555 µs in eight runs (172-257 MB/s), 32 KiB 695-729 µs in
+//!   four (283-306 MB/s; 1.0 and 1.5 ms in 2 of 11 earlier runs). Earlier, with 64 KiB:
+//!   0.70-0.99 ms in 10 of 14 full runs and 1.02-1.57 ms in the rest (3.3-21 ms
+//!   unbounded); 128, 256 or 512 KiB gave 1.2-1.4, 1.5-5.9 and 3.9-11 ms.
+//! - While lanes take turns with small messages only, [`SHARED_MIN_CAP`] (64 KiB):
+//!   nothing large is queued for a ping to wait behind, and four senders of 100-byte
+//!   messages moved about a tenth more than under 32 KiB (368-389k against 412-451k
+//!   messages/s in four alternating runs).
 //! - While one lane has the link to itself, nothing waits behind its queue but its own
 //!   later data, so it may keep more in flight: about [`ALONE_QUEUE_TIME`] of its highest
 //!   measured rate, between the shared floor and [`ALONE_MIN_CAP`] (512 KiB). On loopback
@@ -54,6 +63,11 @@ use quinn_proto::RttEstimator;
 /// that and [`ALONE_MIN_CAP`] (see the module's documentation for what each costs and
 /// buys).
 pub(crate) const SHARED_MIN_CAP: u64 = 64 * 1024;
+/// The smallest cap while the link's lanes share it and one of them carries large
+/// messages: what a ping waits behind.
+pub(crate) const SHARED_BESIDE_LARGE_MIN_CAP: u64 = 24 * 1024;
+/// A message of at least this many bytes makes a lane a bulk transfer's for the window.
+pub(crate) const LARGE_MESSAGE: usize = 64 * 1024;
 const ALONE_MIN_CAP: u64 = 512 * 1024;
 const ALONE_QUEUE_TIME: Duration = Duration::from_millis(1);
 /// How long after data last went out on a lane other than the one before the link
@@ -82,6 +96,8 @@ pub(crate) struct LaneSharing {
     last_lane: AtomicUsize,
     /// Until when (ns since `epoch`) the link counts as shared.
     shared_until: AtomicU64,
+    /// Until when (ns since `epoch`) the link counts as carrying large messages.
+    large_until: AtomicU64,
 }
 
 impl LaneSharing {
@@ -90,7 +106,15 @@ impl LaneSharing {
             epoch: Instant::now(),
             last_lane: AtomicUsize::new(usize::MAX),
             shared_until: AtomicU64::new(0),
+            large_until: AtomicU64::new(0),
         }
+    }
+
+    /// A message of at least [`LARGE_MESSAGE`] bytes was queued at `now`: for
+    /// [`SHARED_FOR`], a shared link keeps the narrower floor.
+    pub(crate) fn queued_large_message(&self, now: Instant) {
+        let until = self.since_epoch(now).saturating_add(nanos(SHARED_FOR));
+        self.large_until.fetch_max(until, Ordering::Relaxed);
     }
 
     /// Data went out on `lane` at `now`. A write on another lane than the last (the
@@ -105,6 +129,21 @@ impl LaneSharing {
 
     fn shared_at(&self, now: Instant) -> bool {
         self.since_epoch(now) < self.shared_until.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn carries_large_messages_at(&self, now: Instant) -> bool {
+        self.since_epoch(now) < self.large_until.load(Ordering::Relaxed)
+    }
+
+    /// The floor while the link is shared at `now`; `None` while one lane has it.
+    fn shared_floor_at(&self, now: Instant) -> Option<u64> {
+        if !self.shared_at(now) {
+            None
+        } else if self.carries_large_messages_at(now) {
+            Some(SHARED_BESIDE_LARGE_MIN_CAP)
+        } else {
+            Some(SHARED_MIN_CAP)
+        }
     }
 
     fn since_epoch(&self, now: Instant) -> u64 {
@@ -139,7 +178,7 @@ impl ControllerFactory for DelayBoundedConfig {
             bbr,
             bound,
             sharing: self.sharing.clone(),
-            shared: true,
+            shared_floor: Some(SHARED_MIN_CAP),
         })
     }
 }
@@ -150,24 +189,20 @@ struct DelayBounded {
     bbr: Box<dyn Controller>,
     bound: WindowBound,
     sharing: Arc<LaneSharing>,
-    /// Whether the link was shared as of the last packet sent or batch acknowledged
-    /// (`window` is not told the time).
-    shared: bool,
+    /// The shared floor as of the last packet sent or batch acknowledged, `None` if the
+    /// link was not shared then (`window` is not told the time).
+    shared_floor: Option<u64>,
 }
 
 impl DelayBounded {
     fn floor(&self) -> u64 {
-        if self.shared {
-            SHARED_MIN_CAP
-        } else {
-            self.bound.alone_floor
-        }
+        self.shared_floor.unwrap_or(self.bound.alone_floor)
     }
 }
 
 impl Controller for DelayBounded {
     fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
-        self.shared = self.sharing.shared_at(now);
+        self.shared_floor = self.sharing.shared_floor_at(now);
         self.bbr.on_sent(now, bytes, last_packet_number);
     }
 
@@ -190,7 +225,7 @@ impl Controller for DelayBounded {
         app_limited: bool,
         largest_packet_num_acked: Option<u64>,
     ) {
-        self.shared = self.sharing.shared_at(now);
+        self.shared_floor = self.sharing.shared_floor_at(now);
         self.bound.on_end_acks(now, app_limited);
         self.bbr
             .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
@@ -226,7 +261,7 @@ impl Controller for DelayBounded {
             bbr: self.bbr.clone_box(),
             bound: self.bound.clone(),
             sharing: self.sharing.clone(),
-            shared: self.shared,
+            shared_floor: self.shared_floor,
         })
     }
 
@@ -581,7 +616,7 @@ mod tests {
             bbr: Arc::new(BbrConfig::default()).build(t0, 1200),
             bound: measured(1_000_000_000, Duration::from_micros(10)),
             sharing: sharing.clone(),
-            shared: true,
+            shared_floor: Some(SHARED_MIN_CAP),
         };
         assert!(controller.bound.cap < SHARED_MIN_CAP);
         let bbr_window = controller.bbr.window();
@@ -593,5 +628,38 @@ mod tests {
         assert_eq!(controller.window(), SHARED_MIN_CAP);
         controller.on_end_acks(t0 + SHARED_FOR, 0, false, None);
         assert_eq!(controller.window(), bbr_window);
+    }
+
+    #[test]
+    fn a_large_message_narrows_the_shared_floor_for_a_while() {
+        let sharing = Arc::new(LaneSharing::new());
+        let t0 = Instant::now();
+        let mut controller = DelayBounded {
+            bbr: Arc::new(BbrConfig::default()).build(t0, 1200),
+            bound: measured(1_000_000_000, Duration::from_micros(10)),
+            sharing: sharing.clone(),
+            shared_floor: None,
+        };
+        let bbr_window = controller.bbr.window();
+        sharing.wrote(1, t0);
+        // Alone (the same lane, SHARED_FOR later), a large message changes nothing:
+        // nothing waits behind it.
+        let t1 = t0 + SHARED_FOR;
+        sharing.wrote(1, t1);
+        sharing.queued_large_message(t1);
+        controller.on_sent(t1, 1200, 1);
+        assert_eq!(controller.window(), bbr_window);
+        // Shared beside large messages: the narrow floor.
+        sharing.wrote(2, t1);
+        controller.on_sent(t1, 1200, 2);
+        assert_eq!(controller.window(), SHARED_BESIDE_LARGE_MIN_CAP);
+        // Still shared, but no large message for SHARED_FOR: the wider shared floor.
+        let later = t1 + SHARED_FOR;
+        sharing.wrote(3, later);
+        controller.on_sent(later, 1200, 3);
+        assert_eq!(controller.window(), SHARED_MIN_CAP);
+        sharing.queued_large_message(later);
+        controller.on_end_acks(later, 0, false, None);
+        assert_eq!(controller.window(), SHARED_BESIDE_LARGE_MIN_CAP);
     }
 }

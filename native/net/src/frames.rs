@@ -15,6 +15,15 @@ pub(crate) enum Piece {
     Shared(Bytes),
 }
 
+impl Piece {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Piece::Buf(range) => range.len(),
+            Piece::Shared(bytes) => bytes.len(),
+        }
+    }
+}
+
 /// Whole frames for the peer, in order. Every frame's first piece is a range of the
 /// shared buffer that starts with its length prefix.
 #[derive(Debug, Clone, Default)]

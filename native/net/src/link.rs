@@ -10,7 +10,7 @@
 //! it writes one byte per tick, so liveness never waits behind bulk data. Every
 //! unidirectional stream starts with one byte that says which it is.
 
-use crate::congestion::LaneSharing;
+use crate::congestion::{LaneSharing, LARGE_MESSAGE};
 use crate::frames::{Frames, Piece};
 use crate::{runtime, tls, unix_now, Acceptor, CarrierShared};
 use bytes::Bytes;
@@ -656,6 +656,12 @@ impl Link {
     #[cfg(test)]
     pub(crate) fn connection(&self) -> &quinn::Connection {
         &self.shared.connection
+    }
+
+    /// What the link's congestion controller reads about its lanes.
+    #[cfg(test)]
+    pub(crate) fn sharing(&self) -> &LaneSharing {
+        &self.shared.sharing
     }
 
     /// The state of both directions' lanes, for a test that found the link stuck.
@@ -1595,12 +1601,14 @@ fn route(
     let mut split = Split::new(frames);
     // The lanes and pids of the processes that sent messages here: only they may pause.
     let mut senders: Vec<(usize, Cow<[u8]>)> = Vec::new();
+    let mut large = false;
     if !state.data_phase {
         for frame in frames.each() {
             split.put_frame(0, frame);
         }
     } else {
         for frame in frames.each() {
+            large = large || frame.iter().map(Piece::len).sum::<usize>() >= LARGE_MESSAGE;
             let head = frames.head(frame);
             let sender = if all_behind_barrier {
                 None
@@ -1683,6 +1691,12 @@ fn route(
     let Split {
         chunks, mut bytes, ..
     } = split;
+    if large {
+        // While it is queued, a send on another lane would wait behind it.
+        shared
+            .sharing
+            .queued_large_message(std::time::Instant::now());
+    }
     let mut routed = Routed::default();
     // A quiet link's sends write in place (see `write_in_place`). Not while the lanes'
     // copies are made: the writers make them. With nothing queued on the link (read

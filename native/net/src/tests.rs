@@ -940,6 +940,29 @@ fn a_second_lane_in_use_holds_the_window_below_what_one_lane_alone_keeps() {
     );
 }
 
+/// A link that carries a large message tells its congestion controller, which then holds
+/// a shared link to the narrower floor (see `congestion.rs`); small ones do not.
+#[test]
+fn a_large_message_marks_the_link_as_carrying_bulk_for_its_window() {
+    let (a, b) = two_nodes(settings(), settings());
+    let (a_end, b_end) = link_up(&a, &b, A, B);
+    let sharing = a_end.link.sharing();
+    let half = crate::congestion::LARGE_MESSAGE / 2;
+    for (n, len) in [16, 4096, half].into_iter().enumerate() {
+        a_end.link.send(Bytes::from(framed(&send_sender(
+            10 + n as u32,
+            &numbered(n, len),
+        ))));
+    }
+    assert_eq!(b_end.receive(3).len(), 3);
+    assert!(!sharing.carries_large_messages_at(Instant::now()));
+    let large = send_sender(20, &numbered(3, crate::congestion::LARGE_MESSAGE));
+    a_end.link.send(Bytes::from(framed(&large)));
+    // Marked when the send is routed, before it returns.
+    assert!(sharing.carries_large_messages_at(Instant::now()));
+    assert_eq!(b_end.receive(1), vec![large]);
+}
+
 /// Runs `work`, sampling the link's congestion window every 2 ms; returns what `work`
 /// returned and the widest window seen.
 fn sample_window_during<T>(end: &End, work: impl FnOnce() -> T) -> (T, u64) {
