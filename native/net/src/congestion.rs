@@ -25,10 +25,10 @@
 //! the hosts' own scheduling) the floor is the window. Which floor depends on whether the
 //! link's lanes share it ([`LaneSharing`]):
 //!
-//! - While two lanes take turns and one of them carries large messages (one of at least
-//!   [`LARGE_MESSAGE`] queued within [`SHARED_FOR`]), [`SHARED_BESIDE_LARGE_MIN_CAP`]
-//!   (24 KiB): a ping on one waits behind at most that much of a bulk transfer on
-//!   another. On the 2-core development machine, `make bench`'s steps for trust alone in
+//! - While two lanes take turns and the link carries large messages (one of at least
+//!   [`LARGE_MESSAGE`] queued within [`SHARED_FOR`], or not yet acknowledged),
+//!   [`SHARED_BESIDE_LARGE_MIN_CAP`] (24 KiB): a ping on one waits behind at most that
+//!   much of a bulk transfer on another. On the 2-core development machine, `make bench`'s steps for trust alone in
 //!   alternating runs: ping p99 beside a 1 MiB bulk transfer 466-536 µs in four runs
 //!   (bulk 241-288 MB/s meanwhile), against 743-2863 µs with 64 KiB (bulk 350-453
 //!   MB/s); 16 KiB gave 302-555 µs in eight runs (172-257 MB/s), 32 KiB 695-729 µs in
@@ -37,11 +37,13 @@
 //!   unbounded); 128, 256 or 512 KiB gave 1.2-1.4, 1.5-5.9 and 3.9-11 ms.
 //! - While lanes take turns with small messages only, [`SHARED_MIN_CAP`] (64 KiB):
 //!   nothing large is queued for a ping to wait behind, and four senders of 100-byte
-//!   messages moved about a tenth more than under 32 KiB (368-389k against 412-451k
-//!   messages/s in four alternating runs).
+//!   messages moved about a tenth more than under 32 KiB (412-451k messages/s against
+//!   368-389k, four alternating runs each). Several bulk transfers on different lanes
+//!   keep a link shared beside large messages: together they move about what one
+//!   moves beside a ping (241-288 MB/s on loopback here), less than one alone.
 //! - While one lane has the link to itself, nothing waits behind its queue but its own
 //!   later data, so it may keep more in flight: about [`ALONE_QUEUE_TIME`] of its highest
-//!   measured rate, between the shared floor and [`ALONE_MIN_CAP`] (512 KiB). On loopback
+//!   measured rate, between [`SHARED_MIN_CAP`] and [`ALONE_MIN_CAP`] (512 KiB). On loopback
 //!   that is 512 KiB, and 1 MiB messages moved 661-844 MB/s, 0.81-1.09x the bare
 //!   transport, against 381-630 MB/s (0.57-0.87x) with 64 KiB for all traffic (`make
 //!   bench`, five full runs each). The first packet of another lane then waits behind
@@ -58,15 +60,17 @@ use std::time::{Duration, Instant};
 use quinn::congestion::{BbrConfig, Controller, ControllerFactory, ControllerMetrics};
 use quinn_proto::RttEstimator;
 
-/// The smallest cap while the link's lanes share it; while one lane has it to itself,
-/// what the link moves in [`ALONE_QUEUE_TIME`] at its highest measured rate, between
-/// that and [`ALONE_MIN_CAP`] (see the module's documentation for what each costs and
-/// buys).
+/// The smallest cap while the link's lanes share it with small messages only; while one
+/// lane has it to itself, what the link moves in [`ALONE_QUEUE_TIME`] at its highest
+/// measured rate, between this and [`ALONE_MIN_CAP`] (see the module's documentation
+/// for what each costs and buys).
 pub(crate) const SHARED_MIN_CAP: u64 = 64 * 1024;
-/// The smallest cap while the link's lanes share it and one of them carries large
-/// messages: what a ping waits behind.
+/// The smallest cap while the link's lanes share it and it carries large messages: what
+/// a ping waits behind. Packets are at most quinn's default UDP payload (1472 bytes), so
+/// this is 16 of them; a much larger payload would make it stop-and-wait.
 pub(crate) const SHARED_BESIDE_LARGE_MIN_CAP: u64 = 24 * 1024;
-/// A message of at least this many bytes makes a lane a bulk transfer's for the window.
+/// A frame (message and distribution header) of at least this many bytes is a large
+/// message, a bulk transfer's, for the window.
 pub(crate) const LARGE_MESSAGE: usize = 64 * 1024;
 const ALONE_MIN_CAP: u64 = 512 * 1024;
 const ALONE_QUEUE_TIME: Duration = Duration::from_millis(1);
@@ -98,6 +102,10 @@ pub(crate) struct LaneSharing {
     shared_until: AtomicU64,
     /// Until when (ns since `epoch`) the link counts as carrying large messages.
     large_until: AtomicU64,
+    /// Bytes of large messages queued that as many acknowledged bytes have not yet
+    /// matched: a message that takes longer than [`SHARED_FOR`] to send counts until it
+    /// is through (small messages acknowledged meanwhile count too; an approximation).
+    large_unacked: AtomicU64,
 }
 
 impl LaneSharing {
@@ -107,14 +115,30 @@ impl LaneSharing {
             last_lane: AtomicUsize::new(usize::MAX),
             shared_until: AtomicU64::new(0),
             large_until: AtomicU64::new(0),
+            large_unacked: AtomicU64::new(0),
         }
     }
 
-    /// A message of at least [`LARGE_MESSAGE`] bytes was queued at `now`: for
-    /// [`SHARED_FOR`], a shared link keeps the narrower floor.
-    pub(crate) fn queued_large_message(&self, now: Instant) {
+    /// `bytes` of large messages (each at least [`LARGE_MESSAGE`]) were queued at `now`:
+    /// a shared link keeps the narrower floor until as many bytes have been acknowledged,
+    /// and for [`SHARED_FOR`] after they were queued.
+    pub(crate) fn queued_large_messages(&self, bytes: usize, now: Instant) {
         let until = self.since_epoch(now).saturating_add(nanos(SHARED_FOR));
         self.large_until.fetch_max(until, Ordering::Relaxed);
+        self.large_unacked
+            .fetch_add(u64::try_from(bytes).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// The peer acknowledged `bytes` of packets.
+    fn acknowledged(&self, bytes: u64) {
+        // Most links carry no large message: no write per acknowledgement for them.
+        if self.large_unacked.load(Ordering::Relaxed) > 0 {
+            let _ = self
+                .large_unacked
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                    Some(left.saturating_sub(bytes))
+                });
+        }
     }
 
     /// Data went out on `lane` at `now`. A write on another lane than the last (the
@@ -132,7 +156,8 @@ impl LaneSharing {
     }
 
     pub(crate) fn carries_large_messages_at(&self, now: Instant) -> bool {
-        self.since_epoch(now) < self.large_until.load(Ordering::Relaxed)
+        self.large_unacked.load(Ordering::Relaxed) > 0
+            || self.since_epoch(now) < self.large_until.load(Ordering::Relaxed)
     }
 
     /// The floor while the link is shared at `now`; `None` while one lane has it.
@@ -215,6 +240,7 @@ impl Controller for DelayBounded {
         rtt: &RttEstimator,
     ) {
         self.bound.on_ack(now, sent, bytes);
+        self.sharing.acknowledged(bytes);
         self.bbr.on_ack(now, sent, bytes, app_limited, rtt);
     }
 
@@ -640,25 +666,33 @@ mod tests {
             sharing: sharing.clone(),
             shared_floor: None,
         };
+        assert!(controller.bound.cap < SHARED_BESIDE_LARGE_MIN_CAP);
         let bbr_window = controller.bbr.window();
         sharing.wrote(1, t0);
         // Alone (the same lane, SHARED_FOR later), a large message changes nothing:
         // nothing waits behind it.
         let t1 = t0 + SHARED_FOR;
         sharing.wrote(1, t1);
-        sharing.queued_large_message(t1);
+        sharing.queued_large_messages(LARGE_MESSAGE, t1);
         controller.on_sent(t1, 1200, 1);
         assert_eq!(controller.window(), bbr_window);
         // Shared beside large messages: the narrow floor.
         sharing.wrote(2, t1);
         controller.on_sent(t1, 1200, 2);
         assert_eq!(controller.window(), SHARED_BESIDE_LARGE_MIN_CAP);
-        // Still shared, but no large message for SHARED_FOR: the wider shared floor.
+        // SHARED_FOR later and still shared: the message counts until acknowledged...
         let later = t1 + SHARED_FOR;
         sharing.wrote(3, later);
         controller.on_sent(later, 1200, 3);
+        assert_eq!(controller.window(), SHARED_BESIDE_LARGE_MIN_CAP);
+        sharing.acknowledged(LARGE_MESSAGE as u64 - 1);
+        controller.on_sent(later, 1200, 4);
+        assert_eq!(controller.window(), SHARED_BESIDE_LARGE_MIN_CAP);
+        // ...and then no longer: the wider shared floor.
+        sharing.acknowledged(1200);
+        controller.on_sent(later, 1200, 5);
         assert_eq!(controller.window(), SHARED_MIN_CAP);
-        sharing.queued_large_message(later);
+        sharing.queued_large_messages(LARGE_MESSAGE, later);
         controller.on_end_acks(later, 0, false, None);
         assert_eq!(controller.window(), SHARED_BESIDE_LARGE_MIN_CAP);
     }

@@ -1601,14 +1601,17 @@ fn route(
     let mut split = Split::new(frames);
     // The lanes and pids of the processes that sent messages here: only they may pause.
     let mut senders: Vec<(usize, Cow<[u8]>)> = Vec::new();
-    let mut large = false;
+    let mut large_bytes = 0;
     if !state.data_phase {
         for frame in frames.each() {
             split.put_frame(0, frame);
         }
     } else {
         for frame in frames.each() {
-            large = large || frame.iter().map(Piece::len).sum::<usize>() >= LARGE_MESSAGE;
+            let frame_bytes = frame.iter().map(Piece::len).sum::<usize>();
+            if frame_bytes >= LARGE_MESSAGE {
+                large_bytes += frame_bytes;
+            }
             let head = frames.head(frame);
             let sender = if all_behind_barrier {
                 None
@@ -1691,11 +1694,11 @@ fn route(
     let Split {
         chunks, mut bytes, ..
     } = split;
-    if large {
-        // While it is queued, a send on another lane would wait behind it.
+    if large_bytes > 0 {
+        // Until it is through, a send on another lane would wait behind it.
         shared
             .sharing
-            .queued_large_message(std::time::Instant::now());
+            .queued_large_messages(large_bytes, std::time::Instant::now());
     }
     let mut routed = Routed::default();
     // A quiet link's sends write in place (see `write_in_place`). Not while the lanes'

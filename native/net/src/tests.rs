@@ -957,10 +957,20 @@ fn a_large_message_marks_the_link_as_carrying_bulk_for_its_window() {
     assert_eq!(b_end.receive(3).len(), 3);
     assert!(!sharing.carries_large_messages_at(Instant::now()));
     let large = send_sender(20, &numbered(3, crate::congestion::LARGE_MESSAGE));
+    let before = Instant::now();
     a_end.link.send(Bytes::from(framed(&large)));
     // Marked when the send is routed, before it returns.
-    assert!(sharing.carries_large_messages_at(Instant::now()));
+    assert!(sharing.carries_large_messages_at(before));
     assert_eq!(b_end.receive(1), vec![large]);
+    // And no longer once acknowledged and 100 ms old.
+    let deadline = Instant::now() + WAIT;
+    while sharing.carries_large_messages_at(Instant::now()) {
+        assert!(
+            Instant::now() < deadline,
+            "still carrying large messages {WAIT:?} after the only one arrived"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Runs `work`, sampling the link's congestion window every 2 ms; returns what `work`
