@@ -633,18 +633,24 @@ mod tests {
         assert_eq!(WindowBound::new(0).alone_floor, SHARED_MIN_CAP);
     }
 
+    /// A controller that measured 1 GB/s at 10 µs: the product is below every floor, so
+    /// a floor caps BBR's window.
+    fn controller_on_a_fast_short_path(sharing: &Arc<LaneSharing>, t0: Instant) -> DelayBounded {
+        let controller = DelayBounded {
+            bbr: Arc::new(BbrConfig::default()).build(t0, 1200),
+            bound: measured(1_000_000_000, Duration::from_micros(10)),
+            sharing: sharing.clone(),
+            shared_floor: None,
+        };
+        assert!(controller.bound.cap < SHARED_BESIDE_LARGE_MIN_CAP);
+        controller
+    }
+
     #[test]
     fn the_window_is_held_to_the_narrow_floor_while_the_link_is_shared() {
         let sharing = Arc::new(LaneSharing::new());
         let t0 = Instant::now();
-        // 1 GB/s at 10 µs: the product is below both floors, so a floor caps BBR's window.
-        let mut controller = DelayBounded {
-            bbr: Arc::new(BbrConfig::default()).build(t0, 1200),
-            bound: measured(1_000_000_000, Duration::from_micros(10)),
-            sharing: sharing.clone(),
-            shared_floor: Some(SHARED_MIN_CAP),
-        };
-        assert!(controller.bound.cap < SHARED_MIN_CAP);
+        let mut controller = controller_on_a_fast_short_path(&sharing, t0);
         let bbr_window = controller.bbr.window();
         assert!((SHARED_MIN_CAP + 1..ALONE_MIN_CAP).contains(&bbr_window));
         controller.on_sent(t0, 1200, 1);
@@ -660,13 +666,7 @@ mod tests {
     fn a_large_message_narrows_the_shared_floor_for_a_while() {
         let sharing = Arc::new(LaneSharing::new());
         let t0 = Instant::now();
-        let mut controller = DelayBounded {
-            bbr: Arc::new(BbrConfig::default()).build(t0, 1200),
-            bound: measured(1_000_000_000, Duration::from_micros(10)),
-            sharing: sharing.clone(),
-            shared_floor: None,
-        };
-        assert!(controller.bound.cap < SHARED_BESIDE_LARGE_MIN_CAP);
+        let mut controller = controller_on_a_fast_short_path(&sharing, t0);
         let bbr_window = controller.bbr.window();
         sharing.wrote(1, t0);
         // Alone (the same lane, SHARED_FOR later), a large message changes nothing:
