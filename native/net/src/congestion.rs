@@ -28,13 +28,14 @@
 //! - While two lanes take turns and the link carries large messages (one of at least
 //!   [`LARGE_MESSAGE`] queued within [`SHARED_FOR`], or not yet acknowledged),
 //!   [`SHARED_BESIDE_LARGE_MIN_CAP`] (24 KiB): a ping on one waits behind at most that
-//!   much of a bulk transfer on another. On the 2-core development machine, `make bench`'s steps for trust alone in
-//!   alternating runs: ping p99 beside a 1 MiB bulk transfer 466-536 µs in four runs
-//!   (bulk 241-288 MB/s meanwhile), against 743-2863 µs with 64 KiB (bulk 350-453
-//!   MB/s); 16 KiB gave 302-555 µs in eight runs (172-257 MB/s), 32 KiB 695-729 µs in
-//!   four (283-306 MB/s; 1.0 and 1.5 ms in 2 of 11 earlier runs). Earlier, with 64 KiB:
-//!   0.70-0.99 ms in 10 of 14 full runs and 1.02-1.57 ms in the rest (3.3-21 ms
-//!   unbounded); 128, 256 or 512 KiB gave 1.2-1.4, 1.5-5.9 and 3.9-11 ms.
+//!   much of a bulk transfer on another. On the 2-core development machine, `make
+//!   bench`'s steps for trust alone in alternating runs: ping p99 beside a 1 MiB bulk
+//!   transfer 466-536 µs in four runs (bulk 241-288 MB/s meanwhile), against 743-2863 µs
+//!   with 64 KiB (bulk 350-453 MB/s); 16 KiB gave 302-555 µs in eight runs (172-257
+//!   MB/s), 32 KiB 695-729 µs in four (283-306 MB/s; with 32 KiB for every shared link,
+//!   1.0 and 1.5 ms in 2 of 11 earlier runs). Earlier, with 64 KiB: 0.70-0.99 ms in 10
+//!   of 14 full runs and 1.02-1.57 ms in the rest (3.3-21 ms unbounded); 128, 256 or
+//!   512 KiB gave 1.2-1.4, 1.5-5.9 and 3.9-11 ms.
 //! - While lanes take turns with small messages only, [`SHARED_MIN_CAP`] (64 KiB):
 //!   nothing large is queued for a ping to wait behind, and four senders of 100-byte
 //!   messages moved about a tenth more than under 32 KiB (412-451k messages/s against
@@ -155,6 +156,8 @@ impl LaneSharing {
         self.since_epoch(now) < self.shared_until.load(Ordering::Relaxed)
     }
 
+    /// Whether a large message was queued within [`SHARED_FOR`] of `now`, or its bytes
+    /// are not yet matched by acknowledged ones.
     pub(crate) fn carries_large_messages_at(&self, now: Instant) -> bool {
         self.large_unacked.load(Ordering::Relaxed) > 0
             || self.since_epoch(now) < self.large_until.load(Ordering::Relaxed)
