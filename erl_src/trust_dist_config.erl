@@ -15,11 +15,16 @@
                     ports := #{node() => inet:port_number()},
                     revoked := string(),
                     policy := [{binary(), map()}],
-                    assertions := [{binary(), boolean(), binary(), [binary()], non_neg_integer()}]}.
+                    assertions := [{binary(), boolean(), binary(), [binary()], non_neg_integer()}],
+                    busy_poll_us := non_neg_integer()}.
 -export_type([config/0]).
 
 -define(KNOWN_KEYS, [identity, certificate, authorities, tiers, listen, ports, policy, assertions,
-                     revoked]).
+                     revoked, busy_poll_us]).
+%% How long the transport thread waits for the next packet before it sleeps, by default
+%% and at most (microseconds); 0 turns the wait off, as `+sbwt none' does for schedulers.
+-define(BUSY_POLL_US, 50).
+-define(MAX_BUSY_POLL_US, 10000).
 %% Options of one tier's policy; what they mean is in the README's policy reference.
 -define(POLICY_OPTIONS, [registered, rpc, max_message_size, funs, connect, audit,
                          max_monitors, max_depth]).
@@ -46,7 +51,8 @@ load() ->
                               Path -> path(revoked, Path)
                           end,
                policy => policy(get(policy, #{}), Tiers),
-               assertions => assertions(get(assertions, []), Tiers)}}
+               assertions => assertions(get(assertions, []), Tiers),
+               busy_poll_us => busy_poll_us(get(busy_poll_us, ?BUSY_POLL_US))}}
     catch
         throw:{Key, Message} -> {error, {Key, Message}}
     end.
@@ -138,6 +144,11 @@ ports(Map) when is_map(Map) ->
     Map;
 ports(Other) ->
     throw({ports, fmt("must be a map of node name to UDP port, got ~tp", [Other])}).
+
+busy_poll_us(Us) when is_integer(Us), Us >= 0, Us =< ?MAX_BUSY_POLL_US -> Us;
+busy_poll_us(Other) ->
+    throw({busy_poll_us, fmt("must be an integer from 0 (off) to ~b microseconds, got ~tp",
+                             [?MAX_BUSY_POLL_US, Other])}).
 
 %% The policy goes to the NIF with names as binaries and only the options given; the
 %% filter fills in the defaults ("answer only").

@@ -93,7 +93,8 @@ handle_call({listen, NodeName, Port}, _From, #state{config = Config} = State) ->
                 %% Without fragments a message is one packet, however large (as over
                 %% inet_tcp_dist without fragments, up to its 4-byte length); a
                 %% restricted link holds its peer to the policy's max_message_size.
-                max_frame => 16#FFFFFFFF},
+                max_frame => 16#FFFFFFFF,
+                busy_poll_us => maps:get(busy_poll_us, Config)},
     Trust = {maps:get(policy, Config), maps:get(assertions, Config)},
     case start_carrier(Options, Trust, Ip0) of
         {ok, Carrier, BoundIp} ->

@@ -96,6 +96,18 @@ defmodule TrustDist.BootTest do
     refute Enum.any?(names, fn {name, _} -> to_string(name) in [a, b] end)
   end
 
+  test "a node whose transport thread does not busy-poll still links", %{tmp_dir: dir} do
+    {a, b} = {C.unique("a"), C.unique("b")}
+    nodes = C.dev_cluster(dir, [{a, :admin}, {b, :admin}])
+    C.put_config(nodes[a].dir, busy_poll_us: 0)
+    C.put_config(nodes[b].dir, busy_poll_us: 10_000)
+    pa = C.start(nodes[a])
+    pb = C.start(nodes[b])
+    on_exit(fn -> Enum.each([pa, pb], &C.stop/1) end)
+    assert C.call(pa, :net_adm, :ping, [nodes[b].node]) == :pong
+    assert C.call(pb, :erpc, :call, [nodes[a].node, :erlang, :node, []]) == nodes[a].node
+  end
+
   test "IPv6 node names and addresses", %{tmp_dir: dir} do
     {a, b} = {C.unique("a"), C.unique("b")}
     nodes = C.dev_cluster(dir, [{a, :admin}, {b, :admin}], host: "::1")
@@ -139,6 +151,11 @@ defmodule TrustDist.BootTest do
     test "unknown key", %{node: node} do
       C.put_config(node.dir, polcy: %{})
       assert_refused(node, :polcy, "unknown key")
+    end
+
+    test "a busy-poll time out of range", %{node: node} do
+      C.put_config(node.dir, busy_poll_us: 20_000)
+      assert_refused(node, :busy_poll_us, "from 0 (off) to 10000 microseconds")
     end
 
     test "a private key others can read", %{node: node} do

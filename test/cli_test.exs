@@ -193,11 +193,12 @@ defmodule TrustDist.CliTest do
     assert File.read!(list) == "key #{fingerprint}  # rebuilt\n"
 
     {:ok, [[trust_dist: env]]} = :file.consult(String.to_charlist(config))
-    env = env ++ [revoked: String.to_charlist(list), bogus: 1]
+    env = env ++ [revoked: String.to_charlist(list), bogus: 1, busy_poll_us: -1]
     File.write!(config, :io_lib.format(~c"~tp.~n", [[trust_dist: env]]))
     assert {out, 1} = cli(["check", config])
     assert out =~ ~r/^FAIL revoked: this node's own key #{Regex.escape(fingerprint)}/m
     assert out =~ ~r/^FAIL keys: unknown key bogus/m
+    assert out =~ ~r/^FAIL busy_poll_us: must be an integer from 0 \(off\) to 10000/m
 
     File.chmod!(Path.join([dir, "b", "b.key"]), 0o644)
     assert {out, 1} = cli(["check", config])

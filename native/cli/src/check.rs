@@ -24,6 +24,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "policy",
     "assertions",
     "revoked",
+    "busy_poll_us",
 ];
 /// Options of one tier's policy.
 pub const POLICY_OPTIONS: &[&str] = &[
@@ -264,6 +265,16 @@ pub fn check(config: &Path, node: Option<&str>, now: u64) -> Result<Report, Stri
         match check_ports(ports) {
             Ok(n) => r.ok("ports", format!("{n} static ports")),
             Err(e) => r.fail("ports", e),
+        }
+    }
+    if let Some(busy_poll) = env.get("busy_poll_us") {
+        match check_busy_poll(busy_poll) {
+            Ok(0) => r.ok(
+                "busy_poll_us",
+                "0: the transport thread sleeps as soon as it is idle",
+            ),
+            Ok(us) => r.ok("busy_poll_us", format!("{us} µs")),
+            Err(e) => r.fail("busy_poll_us", e),
         }
     }
 
@@ -754,6 +765,17 @@ fn check_ports(t: &Term) -> Result<usize, String> {
         }
     }
     Ok(pairs.len())
+}
+
+/// As trust_dist_config checks it.
+fn check_busy_poll(t: &Term) -> Result<i128, String> {
+    const MAX: i128 = 10_000;
+    match t.int() {
+        Some(us) if (0..=MAX).contains(&us) => Ok(us),
+        _ => Err(format!(
+            "must be an integer from 0 (off) to {MAX} microseconds, got {t}"
+        )),
+    }
 }
 
 fn tier_of(key: &str, t: &Term, order: &TierOrder) -> Result<String, String> {

@@ -106,6 +106,9 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     /// UDP socket send and receive buffer sizes asked of the kernel.
     pub socket_buffer: usize,
+    /// How long the transport thread waits for a packet, yielding its core between looks,
+    /// before it sleeps in the kernel (see `runtime::BusyPoll`); zero sleeps at once.
+    pub busy_poll: Duration,
 }
 
 impl Default for Settings {
@@ -120,6 +123,7 @@ impl Default for Settings {
             idle_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(7),
             socket_buffer: 4 * 1024 * 1024,
+            busy_poll: Duration::from_micros(50),
         }
     }
 }
@@ -332,18 +336,32 @@ impl Carrier {
         bind: SocketAddr,
         log: Arc<dyn Log>,
     ) -> Result<Carrier, StartError> {
+        let (socket, report) = bind_socket(bind, settings.socket_buffer)
+            .map_err(|error| StartError::Bind { addr: bind, error })?;
+        let busy_poll = runtime::BusyPoll::new(&socket, settings.busy_poll)
+            .map_err(|error| StartError::Bind { addr: bind, error })?;
         // One thread does all of the link's I/O. Under a bulk transfer its run queue is
         // never empty, and by default it looks at wake-ups from other threads (a packet the
         // VM just queued) only every 31 tasks and at the sockets only every 61, so a ping
         // waited milliseconds behind bulk work already queued; here both come round
         // every few tasks (ping round trip during a 1 MiB bulk transfer, median: ~8 ms
-        // before, ~1 ms after, on the 2-core development machine).
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .global_queue_interval(2)
-            .event_interval(4)
-            .enable_all()
-            .build()
-            .map_err(StartError::Runtime)?;
+        // before, ~1 ms after, on the 2-core development machine). Before it sleeps it
+        // waits a little for the next packet (`runtime::BusyPoll`).
+        let runtime = {
+            let busy_poll = busy_poll.clone();
+            tokio::runtime::Builder::new_current_thread()
+                .global_queue_interval(2)
+                .event_interval(4)
+                .enable_all()
+                .on_thread_park({
+                    let busy_poll = busy_poll.clone();
+                    move || busy_poll.before_park()
+                })
+                .on_thread_unpark(move || busy_poll.after_unpark())
+                .build()
+                .map_err(StartError::Runtime)?
+        };
+        busy_poll.watch(runtime.handle().clone());
         let mut server =
             quinn::ServerConfig::with_crypto(Arc::new(tls::server_config(&identity.secret)?));
         // Connections are accepted with a config of their own (`server_config_for`);
@@ -356,8 +374,6 @@ impl Carrier {
         server.migration(false);
         let client = quinn::ClientConfig::new(Arc::new(tls::client_config(&identity.secret)?));
 
-        let (socket, report) = bind_socket(bind, settings.socket_buffer)
-            .map_err(|error| StartError::Bind { addr: bind, error })?;
         {
             // Logged from the runtime: the caller may be a BEAM scheduler thread.
             let log = log.clone();

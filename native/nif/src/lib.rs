@@ -587,6 +587,7 @@ struct StartOptions {
     idle_timeout_ms: u64,
     handshake_timeout_ms: u64,
     max_frame: u32,
+    busy_poll_us: u64,
 }
 
 #[rustler::nif]
@@ -625,6 +626,7 @@ fn start<'a>(
         idle_timeout: Duration::from_millis(options.idle_timeout_ms),
         handshake_timeout: Duration::from_millis(options.handshake_timeout_ms),
         max_frame: options.max_frame,
+        busy_poll: Duration::from_micros(options.busy_poll_us),
         ..Settings::default()
     };
     let log = Arc::new(BeamLog { pid: options.log });
