@@ -24,7 +24,8 @@
 %% How long the transport thread waits for the next packet before it sleeps, by default
 %% and at most (microseconds); 0 turns the wait off, as `+sbwt none' does for schedulers.
 -define(BUSY_POLL_US, 50).
--define(MAX_BUSY_POLL_US, 10000).
+%% The most stays under QUIC's 2 ms acknowledgement delay: timers wait for the wait.
+-define(MAX_BUSY_POLL_US, 1000).
 %% Options of one tier's policy; what they mean is in the README's policy reference.
 -define(POLICY_OPTIONS, [registered, rpc, max_message_size, funs, connect, audit,
                          max_monitors, max_depth]).

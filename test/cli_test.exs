@@ -198,7 +198,7 @@ defmodule TrustDist.CliTest do
     assert {out, 1} = cli(["check", config])
     assert out =~ ~r/^FAIL revoked: this node's own key #{Regex.escape(fingerprint)}/m
     assert out =~ ~r/^FAIL keys: unknown key bogus/m
-    assert out =~ ~r/^FAIL busy_poll_us: must be an integer from 0 \(off\) to 10000/m
+    assert out =~ ~r/^FAIL busy_poll_us: must be an integer from 0 \(off\) to 1000 /m
 
     File.chmod!(Path.join([dir, "b", "b.key"]), 0o644)
     assert {out, 1} = cli(["check", config])

@@ -769,7 +769,7 @@ fn check_ports(t: &Term) -> Result<usize, String> {
 
 /// As trust_dist_config checks it.
 fn check_busy_poll(t: &Term) -> Result<i128, String> {
-    const MAX: i128 = 10_000;
+    const MAX: i128 = 1_000;
     match t.int() {
         Some(us) if (0..=MAX).contains(&us) => Ok(us),
         _ => Err(format!(

@@ -347,21 +347,17 @@ impl Carrier {
         // every few tasks (ping round trip during a 1 MiB bulk transfer, median: ~8 ms
         // before, ~1 ms after, on the 2-core development machine). Before it sleeps it
         // waits a little for the next packet (`runtime::BusyPoll`).
-        let runtime = {
-            let busy_poll = busy_poll.clone();
-            tokio::runtime::Builder::new_current_thread()
-                .global_queue_interval(2)
-                .event_interval(4)
-                .enable_all()
-                .on_thread_park({
-                    let busy_poll = busy_poll.clone();
-                    move || busy_poll.before_park()
-                })
-                .on_thread_unpark(move || busy_poll.after_unpark())
-                .build()
-                .map_err(StartError::Runtime)?
-        };
-        busy_poll.watch(runtime.handle().clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .global_queue_interval(2)
+            .event_interval(4)
+            .enable_all()
+            .on_thread_park({
+                let busy_poll = busy_poll.clone();
+                move || busy_poll.before_park()
+            })
+            .on_thread_unpark(move || busy_poll.after_unpark())
+            .build()
+            .map_err(StartError::Runtime)?;
         let mut server =
             quinn::ServerConfig::with_crypto(Arc::new(tls::server_config(&identity.secret)?));
         // Connections are accepted with a config of their own (`server_config_for`);

@@ -15,7 +15,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
@@ -398,7 +398,6 @@ pub(crate) struct BusyPoll {
     /// A second handle on the endpoint's socket, only to peek at it.
     socket: std::net::UdpSocket,
     window: Duration,
-    runtime: OnceLock<tokio::runtime::Handle>,
     /// What `parked_at` counts from.
     epoch: Instant,
     /// When the thread last began to wait, in nanoseconds from `epoch`.
@@ -419,16 +418,10 @@ impl BusyPoll {
         Ok(Arc::new(BusyPoll {
             socket: socket.try_clone()?,
             window,
-            runtime: OnceLock::new(),
             epoch: Instant::now(),
             parked_at: AtomicU64::new(0),
             expect_soon: AtomicBool::new(false),
         }))
-    }
-
-    /// The runtime whose work from other threads ends a wait (it is built after this).
-    pub(crate) fn watch(&self, runtime: tokio::runtime::Handle) {
-        let _ = self.runtime.set(runtime);
     }
 
     /// tokio's `on_thread_park`: returns when the thread may sleep.
@@ -439,7 +432,10 @@ impl BusyPoll {
         if self.window.is_zero() || !self.expect_soon.load(Ordering::Relaxed) {
             return;
         }
-        let Some(runtime) = self.runtime.get() else {
+        // The runtime being parked (this is called inside its `block_on`). Not kept in
+        // `self`: the runtime keeps `self` in its hooks, and the cycle would keep both,
+        // and the socket, after the carrier stops.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let metrics = runtime.metrics();
@@ -450,9 +446,20 @@ impl BusyPoll {
                 return;
             }
             match self.socket.peek_from(&mut peek) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
-                // A datagram (the runtime's poll reads it at once), or an error that
-                // read will report.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let yielded = Instant::now();
+                    std::thread::yield_now();
+                    if yielded.elapsed() > self.window / 2 {
+                        // Another thread had the core for a while: the machine is busy,
+                        // and waiting on would take time it needs (a sleeping thread is
+                        // woken when the packet comes, a yielding one only when the core
+                        // is given back).
+                        self.expect_soon.store(false, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                // A datagram (the runtime's poll reads it at once), or an error: either
+                // way the thread may sleep as it would have.
                 _ => return,
             }
         }
@@ -479,6 +486,8 @@ mod tests {
 
     /// Far longer than any wait the tests expect to end early.
     const LONG: Duration = Duration::from_secs(10);
+    /// Long enough that a loaded machine's scheduling does not decide a test.
+    const WINDOW: Duration = Duration::from_millis(100);
 
     fn socket() -> std::net::UdpSocket {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -486,69 +495,76 @@ mod tests {
         socket
     }
 
-    /// A busy poll just woken from a short sleep, so its next park waits.
-    fn busy_poll(
-        socket: &std::net::UdpSocket,
-        window: Duration,
-    ) -> (Arc<BusyPoll>, tokio::runtime::Runtime) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let busy = BusyPoll::new(socket, window).unwrap();
-        busy.watch(runtime.handle().clone());
-        busy.before_park();
-        busy.after_unpark();
-        (busy, runtime)
+    /// A busy poll as the transport thread's hooks drive it, on a runtime of its own.
+    struct Thread {
+        busy: Arc<BusyPoll>,
+        runtime: tokio::runtime::Runtime,
     }
 
-    fn time(f: impl FnOnce()) -> Duration {
-        let start = Instant::now();
-        f();
-        start.elapsed()
+    impl Thread {
+        /// Just woken from a short sleep, so its next park waits.
+        fn new(socket: &std::net::UdpSocket, window: Duration) -> Thread {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let thread = Thread {
+                busy: BusyPoll::new(socket, window).unwrap(),
+                runtime,
+            };
+            thread.park();
+            thread.busy.after_unpark();
+            thread
+        }
+
+        /// How long `before_park` kept the thread, inside the runtime as the hook is.
+        fn park(&self) -> Duration {
+            let _inside = self.runtime.enter();
+            let start = Instant::now();
+            self.busy.before_park();
+            start.elapsed()
+        }
     }
 
     #[test]
     fn with_nothing_to_do_the_thread_waits_out_its_window_then_sleeps() {
         let socket = socket();
-        let (busy, _runtime) = busy_poll(&socket, Duration::from_millis(30));
-        let waited = time(|| busy.before_park());
-        assert!(waited >= Duration::from_millis(30), "{waited:?}");
+        let waited = Thread::new(&socket, WINDOW).park();
+        assert!(waited >= WINDOW, "{waited:?}");
 
-        let (off, _runtime) = busy_poll(&socket, Duration::ZERO);
-        let waited = time(|| off.before_park());
-        assert!(waited < Duration::from_millis(5), "{waited:?}");
+        let waited = Thread::new(&socket, Duration::ZERO).park();
+        assert!(waited < WINDOW / 2, "{waited:?}");
     }
 
     #[test]
     fn after_a_long_sleep_the_thread_sleeps_at_once_until_packets_come_close_again() {
         let socket = socket();
-        let (busy, _runtime) = busy_poll(&socket, Duration::from_millis(30));
-        busy.before_park();
+        let thread = Thread::new(&socket, WINDOW);
+        thread.park();
         // The kernel's sleep, longer than four windows.
-        std::thread::sleep(Duration::from_millis(150));
-        busy.after_unpark();
-        let waited = time(|| busy.before_park());
-        assert!(waited < Duration::from_millis(5), "{waited:?}");
+        std::thread::sleep(WINDOW * 5);
+        thread.busy.after_unpark();
+        let waited = thread.park();
+        assert!(waited < WINDOW / 2, "{waited:?}");
         // Woken again within four windows: the next park waits.
-        std::thread::sleep(Duration::from_millis(10));
-        busy.after_unpark();
-        let waited = time(|| busy.before_park());
-        assert!(waited >= Duration::from_millis(30), "{waited:?}");
+        std::thread::sleep(WINDOW / 10);
+        thread.busy.after_unpark();
+        let waited = thread.park();
+        assert!(waited >= WINDOW, "{waited:?}");
     }
 
     #[test]
     fn a_datagram_ends_the_wait_and_is_left_for_the_runtime_to_read() {
         let socket = socket();
         let to = socket.local_addr().unwrap();
-        let (busy, _runtime) = busy_poll(&socket, LONG);
+        let thread = Thread::new(&socket, LONG);
         let sender = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
             let from = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             from.send_to(b"ping", to).unwrap();
         });
-        let waited = time(|| busy.before_park());
-        assert!(waited < LONG / 2, "{waited:?}");
+        let waited = thread.park();
+        assert!(waited < LONG / 4, "{waited:?}");
         sender.join().unwrap();
         let mut buf = [0u8; 16];
         let (n, _) = socket.recv_from(&mut buf).unwrap();
@@ -558,15 +574,15 @@ mod tests {
     #[test]
     fn work_handed_over_by_another_thread_ends_the_wait() {
         let socket = socket();
-        let (busy, runtime) = busy_poll(&socket, LONG);
-        let handle = runtime.handle().clone();
+        let thread = Thread::new(&socket, LONG);
+        let handle = thread.runtime.handle().clone();
         let waker = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
             // As a BEAM scheduler's write wakes a task of the transport thread.
             drop(handle.spawn(async {}));
         });
-        let waited = time(|| busy.before_park());
-        assert!(waited < LONG / 2, "{waited:?}");
+        let waited = thread.park();
+        assert!(waited < LONG / 4, "{waited:?}");
         waker.join().unwrap();
     }
 }
