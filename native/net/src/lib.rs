@@ -338,8 +338,10 @@ impl Carrier {
     ) -> Result<Carrier, StartError> {
         let (socket, report) = bind_socket(bind, settings.socket_buffer)
             .map_err(|error| StartError::Bind { addr: bind, error })?;
-        let busy_poll = runtime::BusyPoll::new(&socket, settings.busy_poll)
-            .map_err(|error| StartError::Bind { addr: bind, error })?;
+        // Its second handle on the socket (a dup) fails only when the process is out of
+        // file descriptors: a runtime failure, not the bind's.
+        let busy_poll =
+            runtime::BusyPoll::new(&socket, settings.busy_poll).map_err(StartError::Runtime)?;
         // One thread does all of the link's I/O. Under a bulk transfer its run queue is
         // never empty, and by default it looks at wake-ups from other threads (a packet the
         // VM just queued) only every 31 tasks and at the sockets only every 61, so a ping
