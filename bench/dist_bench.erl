@@ -1258,7 +1258,7 @@ catch_links() ->
 %% of Peer's packets that came first, probes after bursts.
 tail_counters(Peer) ->
     maps:from_list([{K, V} || #{node := N} = L <- catch_links(), N =:= Peer,
-                              K <- [copies_out, copies_used, tail_probes, reopenings],
+                              K <- [copies_out, copies_used, tail_probes, reopenings, lane_moves],
                               {ok, V} <- [maps:find(K, L)]]).
 
 quic_samples(Sampler, B) ->

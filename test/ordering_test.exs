@@ -49,6 +49,10 @@ defmodule TrustDist.OrderingTest do
     ba = pairs(pb, a)
     assert_pairs(ab, "a -> b")
     assert_pairs(ba, "b -> a")
+    # Senders whose lane another's 256 KiB messages took moved off it (whether any pid
+    # of the eight shared a lane is up to each link's random salt).
+    moves = for p <- [pa, pb], l <- C.call(p, :trust_dist, :links, []), do: l.lane_moves
+    IO.puts("lane moves (a's link, b's link): #{inspect(moves)}")
   end
 
   test "full link: DOWN by registered name and spawn replies come after what preceded them",

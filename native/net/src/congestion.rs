@@ -71,8 +71,9 @@ pub(crate) const SHARED_MIN_CAP: u64 = 64 * 1024;
 /// this is 16 of them; a much larger payload would make it stop-and-wait.
 pub(crate) const SHARED_BESIDE_LARGE_MIN_CAP: u64 = 24 * 1024;
 /// A frame (message and distribution header) of at least this many bytes is a large
-/// message, a bulk transfer's, for the window.
-pub(crate) const LARGE_MESSAGE: usize = 64 * 1024;
+/// message, a bulk transfer's, for the window, as for the lanes (whose senders move off
+/// a lane that carries another process's).
+pub(crate) const LARGE_MESSAGE: usize = trust_dist_proto::lanes::BULK_MESSAGE;
 const ALONE_MIN_CAP: u64 = 512 * 1024;
 const ALONE_QUEUE_TIME: Duration = Duration::from_millis(1);
 /// How long after data last went out on a lane other than the one before the link

@@ -353,7 +353,8 @@ impl Inbox {
 
     /// Queues a barrier marker the peer sent on `lane`, if it is one our sending side
     /// could have written: on lane 0, counting exactly the packets sent on lane 0 before
-    /// it; on the other lanes (a fence), counting lane 0 alone. Anything else could only
+    /// it; on the other lanes (a fence: after the link's openings, and for a sender moved
+    /// there from another lane), counting other lanes only. Anything else could only
     /// hold the lane back for good, so it ends the link, saying why.
     fn push_marker(&mut self, lane: usize, counts: [u64; LANES]) -> Result<(), String> {
         if lane == 0 {
@@ -364,9 +365,9 @@ impl Inbox {
                     counts[0]
                 ));
             }
-        } else if counts[1..].iter().any(|&n| n > 0) {
+        } else if counts[lane] > 0 {
             return Err(format!(
-                "barrier marker on lane {lane} counts lanes other than 0 (a fence counts lane 0 only)"
+                "barrier marker on lane {lane} counts packets of its own lane (a fence counts other lanes only)"
             ));
         }
         self.push(lane, Item::Barrier(Box::new(counts)));
@@ -452,6 +453,10 @@ struct SendLanes {
     /// follow it, or an operation this version does not know) goes behind a barrier and
     /// opens the link again (`reopened`): lane 0 alone, until the same rule lets the
     /// lanes go on behind new fences.
+    ///
+    /// A sender whose lane carries another process's bulk transfer moves to a quiet lane
+    /// behind a fence too (`moves`), which the same reasoning keeps sound: it counts only
+    /// packets routed before it, all of them already written to QUIC.
     opening: bool,
     data_since: std::time::Instant,
     fenced: [bool; LANES],
@@ -467,6 +472,17 @@ struct SendLanes {
     paused: Vec<Vec<Vec<u8>>>,
     /// Whether the peer is sending much: [`Inbound::busy`].
     inbound: Inbound,
+    /// Senders moved off a lane that carries another process's bulk transfer.
+    moves: lanes::Moves,
+    /// Bytes put on each lane's stream so far, written or still queued.
+    routed_bytes: [u64; LANES],
+}
+
+impl SendLanes {
+    /// Bytes of the lane's stream written to QUIC so far.
+    fn written(&self, lane: usize) -> u64 {
+        self.routed_bytes[lane].saturating_sub(self.queued[lane] as u64)
+    }
 }
 
 /// How fast the peer's data came lately, for sends that would write in place: a turn of
@@ -721,6 +737,25 @@ impl Link {
     /// alone for a while.
     pub fn reopenings(&self) -> u64 {
         self.shared.lanes.lock().map_or(0, |lanes| lanes.reopenings)
+    }
+
+    /// How many times a sender moved off a lane that another process's bulk transfer
+    /// held (see `lanes::Moves`).
+    pub fn lane_moves(&self) -> u64 {
+        self.shared
+            .lanes
+            .lock()
+            .map_or(0, |lanes| lanes.moves.moves())
+    }
+
+    /// The lane a packet of the VM's would go on now on this link, if it names a sender.
+    #[cfg(test)]
+    pub(crate) fn lane_for(&self, packet: &[u8]) -> Option<usize> {
+        let lanes = self.shared.lanes.lock().ok()?;
+        match lanes::lane_of(packet, lanes.salt) {
+            Lane::Sender { lane, pid, .. } => Some(lanes.moves.lane(lane, pid)),
+            Lane::Barrier => None,
+        }
     }
 
     /// Bytes accepted by [`Link::send`] and not yet written to QUIC.
@@ -1349,6 +1384,8 @@ fn spawn_link(
             queued: [0; LANES],
             paused: (0..LANES).map(|_| Vec::new()).collect(),
             inbound: Inbound::new(std::time::Instant::now()),
+            moves: lanes::Moves::default(),
+            routed_bytes: [0; LANES],
         }),
         inbox: Mutex::new(Inbox::default()),
         arrived: tokio::sync::Notify::new(),
@@ -1607,6 +1644,7 @@ fn route(
             split.put_frame(0, frame);
         }
     } else {
+        let now = std::time::Instant::now();
         for frame in frames.each() {
             let frame_bytes = frame.iter().map(Piece::len).sum::<usize>();
             if frame_bytes >= LARGE_MESSAGE {
@@ -1655,7 +1693,7 @@ fn route(
                         }
                     }
                 }
-                Some((lane, pid, message)) => {
+                Some((home, pid, message)) => {
                     if state.opening {
                         state.opening = false;
                         state.reopened = false;
@@ -1663,12 +1701,56 @@ fn route(
                         let owed = state.fence_upto > 0;
                         state.fenced[1..].fill(owed);
                     }
+                    let from = state.moves.lane(home, &pid);
+                    let mut lane = from;
+                    let mut counts = [0u64; LANES];
+                    // Only the VM's own packets move: the filter's answers follow the
+                    // moves the VM's packets made.
+                    if from_vm
+                        && state.moves.should_move(
+                            from,
+                            &pid,
+                            state.written(from),
+                            state.queued[from] + split.bytes[from],
+                            now,
+                        )
+                    {
+                        let queued = std::array::from_fn(|l| state.queued[l] + split.bytes[l]);
+                        let written = std::array::from_fn(|l| state.written(l));
+                        if let Some((to, fence)) = state
+                            .moves
+                            .move_sender(home, from, &pid, &queued, &written, now)
+                        {
+                            lane = to;
+                            counts = fence;
+                            // If it was paused on the lane it left, it stays paused until
+                            // that lane drains: the new lane may never be written by its
+                            // writer (sends write in place) to resume it.
+                        }
+                    }
+                    if let Some(owed) = state.moves.take_owed_fence(lane) {
+                        for (count, owed) in counts.iter_mut().zip(owed) {
+                            *count = (*count).max(owed);
+                        }
+                    }
                     if std::mem::take(&mut state.fenced[lane]) {
-                        let mut counts = [0u64; LANES];
                         counts[0] = state.fence_upto;
+                    }
+                    if counts.iter().any(|&n| n > 0) {
                         split.put_owned(lane, barrier_marker(&counts));
                     }
+                    let start = state.routed_bytes[lane] + split.bytes[lane] as u64;
                     split.put_frame(lane, frame);
+                    let end = state.routed_bytes[lane] + split.bytes[lane] as u64;
+                    let sent_before = state.sent[lane];
+                    state.moves.routed(
+                        lane,
+                        &pid,
+                        frame_bytes >= LARGE_MESSAGE,
+                        sent_before,
+                        (start, end),
+                        now,
+                    );
                     state.sent[lane] += 1;
                     if message && !senders.iter().any(|(l, p)| *l == lane && *p == pid) {
                         senders.push((lane, pid));
@@ -1686,6 +1768,7 @@ fn route(
                         state.opening = true;
                         state.reopened = true;
                         state.reopenings += 1;
+                        state.moves.forget_moved();
                     }
                 }
             }
@@ -1694,6 +1777,9 @@ fn route(
     let Split {
         chunks, mut bytes, ..
     } = split;
+    for (routed, &lane_bytes) in state.routed_bytes.iter_mut().zip(&bytes) {
+        *routed += lane_bytes as u64;
+    }
     if large_bytes > 0 {
         // Until it is through, a send on another lane would wait behind it.
         shared
@@ -2472,7 +2558,7 @@ async fn lane_reader(
                     shared.stats.ticks_in.fetch_add(1, Ordering::Relaxed);
                 }
                 Decoded::Frame(frame) if is_barrier(&frame) => {
-                    // A fence: this lane's later packets wait for lane 0 (see SendLanes).
+                    // A fence: this lane's later packets wait for other lanes' (see SendLanes).
                     let counts = marker_counts(&frame)
                         .ok_or_else(|| format!("malformed barrier marker on lane {lane}"))?;
                     inbox.push_marker(lane, counts)?;
@@ -3223,9 +3309,15 @@ mod inbox_tests {
         assert!(inbox.push_marker(0, counts).is_ok());
         // A marker does not count itself.
         assert!(inbox.push_marker(0, counts).is_ok());
-        // A fence counts lane 0 alone.
-        assert!(inbox.push_marker(4, counts).unwrap_err().contains("lane 4"));
-        counts[5] = 0;
+        // A fence counts other lanes: lane 0 after an opening, the lane a moved sender
+        // left; never its own.
+        assert!(inbox.push_marker(4, counts).is_ok());
+        counts[4] = 1;
+        assert!(inbox
+            .push_marker(4, counts)
+            .unwrap_err()
+            .contains("lane 4 counts packets of its own lane"));
+        counts[4] = 0;
         counts[0] = 1_000;
         assert!(inbox.push_marker(4, counts).is_ok());
     }

@@ -1576,6 +1576,106 @@ fn a_sender_held_back_by_credit_does_not_hold_back_others() {
     assert_eq!(got.len(), bulk.len() + small.len());
 }
 
+/// A process of a, other than `not`, whose packets go on `lane` of `end`'s link.
+fn sender_on_lane(end: &End, lane: usize, not: u32) -> u32 {
+    (200..1_000_000)
+        .find(|&p| p != not && end.link.lane_for(&send_sender(p, b"")) == Some(lane))
+        .expect("some pid hashes to every lane")
+}
+
+/// Lanes: a process whose pid hashes to the lane of another's bulk transfer moves to a
+/// quiet lane rather than wait behind it, and its packets keep their order across the move.
+#[test]
+fn a_sender_on_a_bulk_senders_lane_moves_off_it_rather_than_wait() {
+    let (_nodes, a_end, b_end) = credit_limited_link(256 * 1024);
+    let bulk = bulk_from(100);
+    let lane = a_end.link.lane_for(&bulk[0]).expect("a sender's lane");
+    let light = sender_on_lane(&a_end, lane, 100);
+    let before = send_sender(light, b"before the bulk");
+    assert!(a_end.send(&[&before]));
+    // A sender moves once what its fence would count is in QUIC.
+    wait_for_quic_to_take_everything(&a_end);
+    assert!(a_end.send(&bulk.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+    let after: Vec<Vec<u8>> = (0..3)
+        .map(|i| send_sender(light, format!("after {i}").as_bytes()))
+        .collect();
+    assert!(a_end.send(&after.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+    assert_eq!(a_end.link.lane_moves(), 1);
+    let moved_to = a_end.link.lane_for(&after[0]).expect("a sender's lane");
+    assert!(
+        moved_to != lane && moved_to != 0,
+        "moved to lane {moved_to}"
+    );
+    assert_eq!(a_end.link.lane_for(&bulk[0]), Some(lane), "the bulk stays");
+    // b's VM holds the bulk back (no acks): the moved sender's packets come regardless,
+    // after the one it sent before the bulk.
+    let handed = handed_unacked(&b_end);
+    let at: Vec<Option<usize>> = std::iter::once(&before)
+        .chain(&after)
+        .map(|p| handed.iter().position(|h| h == p))
+        .collect();
+    assert!(
+        at.iter().all(Option::is_some) && at.windows(2).all(|w| w[0] < w[1]),
+        "the light sender's packets at {at:?} of {} handed up with the bulk held back",
+        handed.len()
+    );
+    b_end.link.ack(handed.iter().map(Vec::len).sum::<usize>());
+    let rest = b_end.receive(bulk.len() + 4 - handed.len());
+    let got: Vec<Vec<u8>> = handed.into_iter().chain(rest).collect();
+    assert!(
+        got.iter().filter(|p| bulk.contains(p)).eq(bulk.iter()),
+        "bulk packets reordered"
+    );
+}
+
+/// A sender that moves is not overtaken by its own earlier packets on the lane it left:
+/// the fence in front of it there counts them, however long b's VM holds them back.
+#[test]
+fn a_moved_sender_waits_for_its_own_packets_on_the_lane_it_left() {
+    let (_nodes, a_end, b_end) = credit_limited_link(256 * 1024);
+    let first = 100;
+    let lane = a_end
+        .link
+        .lane_for(&send_sender(first, b""))
+        .expect("a sender's lane");
+    let second = sender_on_lane(&a_end, lane, first);
+    // The first sends 384 KiB of small messages, beyond b's credit; then the second
+    // large ones on the same lane.
+    let own = bulk_of(first, 384, 1024);
+    let other = bulk_of(second, 4, 64 * 1024);
+    assert!(a_end.send(&own.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+    // A sender moves once what its fence would count is in QUIC.
+    wait_for_quic_to_take_everything(&a_end);
+    assert!(a_end.send(&other.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+    assert_eq!(
+        a_end.link.lane_moves(),
+        0,
+        "the lane had no bulk sender before"
+    );
+    // The lane carries the second's bulk now: the first moves.
+    let next = send_sender(first, b"next");
+    assert!(a_end.send(&[&next]));
+    assert_eq!(a_end.link.lane_moves(), 1);
+    assert!(a_end.link.lane_for(&next) != Some(lane));
+    let got = receive_holding_back(
+        &b_end,
+        own.len() + other.len() + 1,
+        |p| *p == next,
+        "a moved sender's packet overtook its own packets on the lane it left",
+    );
+    let at_next = got.iter().position(|p| *p == next).expect("handed up");
+    let last_own = got
+        .iter()
+        .rposition(|p| own.contains(p))
+        .expect("handed up");
+    assert!(
+        at_next > last_own,
+        "at {at_next}, its last earlier one at {last_own}"
+    );
+    assert!(got.iter().filter(|p| own.contains(p)).eq(own.iter()));
+    assert!(got.iter().filter(|p| other.contains(p)).eq(other.iter()));
+}
+
 /// A signal that names no sending pid (here a DOWN for a monitor set by registered name)
 /// travels behind a barrier: it is never handed up before anything sent before it, on
 /// any lane. Nor after what its process sends next: a process that ends sends its DOWNs
@@ -2216,7 +2316,7 @@ fn a_peer_of_another_wire_protocol_version_is_refused_with_that_reason() {
     );
     b.assert_refused(&[
         "QUIC/TLS handshake failed",
-        "does not speak this node's trust_dist wire protocol, trust-dist/5",
+        "does not speak this node's trust_dist wire protocol, trust-dist/6",
     ]);
     // How a dialling node words that alert.
     let refused = quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
@@ -2224,7 +2324,7 @@ fn a_peer_of_another_wire_protocol_version_is_refused_with_that_reason() {
         frame_type: None,
         reason: Bytes::from_static(b"peer doesn't support any known protocol"),
     });
-    assert!(tls::describe_handshake_error(&refused).contains("wire protocol, trust-dist/5"));
+    assert!(tls::describe_handshake_error(&refused).contains("wire protocol, trust-dist/6"));
 }
 
 #[test]

@@ -24,8 +24,10 @@ use trust_dist_proto::{PublicKey, SecretKey};
 /// packet that names no sender, not only in a link's opening, and a version 3 receiver
 /// could let the lanes behind them hold its read-ahead for good. Version 5: QUIC
 /// datagrams carry lane copies (`trust_dist_proto::copies`), and senders use lanes 1..
-/// only.
-pub const ALPN: &[u8] = b"trust-dist/5";
+/// only. Version 6: a sender moves off a lane that carries another process's bulk
+/// transfer, behind a fence that counts the lane it left, which a version 5 receiver
+/// refuses (its fences count lane 0 only).
+pub const ALPN: &[u8] = b"trust-dist/6";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {

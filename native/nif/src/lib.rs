@@ -29,7 +29,7 @@ mod atoms {
         trust_dist_accepted, trust_dist_connected, trust_dist_connect_failed, trust_dist_log,
         debug, info, notice, warning,
         certified_as, tier, fingerprint, mode, cross_tier, address, serial, not_after, issuer, full, restricted,
-        bytes_in, bytes_out, packets_in, packets_out, queued, lanes, reopenings, ticks_in, ticks_out, tail_probes, copies_out, copies_used, dropped_in, writes_in_place, sent_in_place,
+        bytes_in, bytes_out, packets_in, packets_out, queued, lanes, reopenings, lane_moves, ticks_in, ticks_out, tail_probes, copies_out, copies_used, dropped_in, writes_in_place, sent_in_place,
         identity, certificate, authorities, tiers, listen, node_name, runtime,
         policy, assertions, counters, denied, trust_dist_denied, revoked,
         peer, op, reason, outcome, detail, suppressed,
@@ -996,6 +996,10 @@ fn stats<'a>(env: Env<'a>, link: ResourceArc<LinkResource>) -> NifResult<Term<'a
         (
             atoms::reopenings().encode(env),
             link.link.reopenings().encode(env),
+        ),
+        (
+            atoms::lane_moves().encode(env),
+            link.link.lane_moves().encode(env),
         ),
     ]);
     pairs.push((

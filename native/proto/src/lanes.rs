@@ -24,9 +24,24 @@
 //! leaves lane 0 again, each other lane's next packet is preceded by a *fence*, a marker
 //! of the same form on that lane that counts lane 0 only.
 //!
+//! A process whose pid hashes to the lane of another process's bulk transfer (1 in 31)
+//! would wait behind that transfer as behind a TCP connection's. So a sender whose lane
+//! carries someone else's large messages *moves* to a quiet lane ([`Moves`]): its packet
+//! there is preceded by a fence that counts the lane it leaves up to its own last packet
+//! there (and up to other senders' small packets, which the sender cannot tell apart
+//! cheaply), so it is not overtaken by its own earlier packets, while the bulk data
+//! queued after them does not hold it. It moves only once what the fence counts has
+//! been written to QUIC. A moved sender stays on its new lane until the link next goes
+//! back to lane 0 alone, or it moves again.
+//!
+//! Every marker counts only packets routed before it, so no two markers can wait for
+//! each other.
+//!
 //! Everything here is pure: the sender classifies its own VM's packets, the receiver
 //! parses markers from its peer (which must not panic on any input).
 use crate::etf::{Term, VERSION};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 /// Streams per link: lane 0 is the stream the link was opened with, the others are
 /// unidirectional streams opened on first use.
@@ -149,6 +164,232 @@ fn lane_index(pid: &[u8], salt: u64) -> usize {
     }
     // Fold the high bits in: the low bits of FNV alone spread short inputs poorly.
     1 + ((hash ^ (hash >> 32)) % (LANES as u64 - 1)) as usize
+}
+
+/// The size of a message from which its sender counts as a lane's bulk sender: the
+/// connection's congestion controller draws the same line.
+pub const BULK_MESSAGE: usize = 64 * 1024;
+
+/// How long after its last large message a bulk sender still makes others move off its
+/// lane (it may be paused, or between two messages); a lane that still has this much
+/// queued keeps its bulk sender longer.
+pub const BULK_FOR: Duration = Duration::from_millis(100);
+
+/// Most senders a link keeps moved at once. To move another, one whose packets on its
+/// new lane are all written is forgotten: the next packet on its own lane, whoever's,
+/// then owes a fence that counts them. If none can be, the sender stays on its lane,
+/// behind the bulk, as before moves existed. The map's memory stays bounded whatever
+/// the VM sends.
+pub const MAX_MOVED: usize = 1024;
+
+/// The lane's last bulk sender: its pid as packets encode it, and when its last large
+/// message was routed.
+#[derive(Debug)]
+struct Bulk {
+    pid: Vec<u8>,
+    at: Instant,
+}
+
+/// The sending side's record of which senders left their own lane, and of what a fence
+/// must count on the lane they leave. Pure: time and queue lengths are arguments.
+///
+/// A move happens only once every packet its fence will count has been written to QUIC
+/// (`written`, in bytes of the lane's stream): the data a fence waits for then already
+/// holds its share of QUIC's connection window, which the data behind fences cannot take
+/// from it, as for the fences after a link's opening.
+#[derive(Debug)]
+pub struct Moves {
+    /// Senders (pid bytes) on another lane than their own: their own lane, and which.
+    moved: HashMap<Vec<u8>, (usize, usize)>,
+    /// How many of `moved` have each lane as their own: only then does a sender of that
+    /// lane need looking up, so links without moves pay nothing per packet.
+    moved_from: [u32; LANES],
+    bulk: [Option<Bulk>; LANES],
+    /// For each lane, the number of packets routed on it up to and including the last
+    /// one that was not from its current bulk sender: every other sender's packets on the
+    /// lane are within it, which is what a fence for a sender leaving the lane counts.
+    others_upto: [u64; LANES],
+    /// Where, in the lane's stream, the packets `others_upto` counts end.
+    others_end: [u64; LANES],
+    /// Fences the next packet on each lane owes, for senders whose move was forgotten to
+    /// make room (their next packets go on their own lane again, after their last ones).
+    owed: [Option<[u64; LANES]>; LANES],
+    moves: u64,
+}
+
+impl Default for Moves {
+    fn default() -> Self {
+        Moves {
+            moved: HashMap::new(),
+            moved_from: [0; LANES],
+            bulk: std::array::from_fn(|_| None),
+            others_upto: [0; LANES],
+            others_end: [0; LANES],
+            owed: [None; LANES],
+            moves: 0,
+        }
+    }
+}
+
+impl Moves {
+    /// The lane a sender's packets go on now: `home` (from [`lane_of`]) unless it moved.
+    pub fn lane(&self, home: usize, pid: &[u8]) -> usize {
+        if self.moved_from.get(home).copied().unwrap_or(0) == 0 {
+            return home;
+        }
+        self.moved.get(pid).map_or(home, |&(_, lane)| lane)
+    }
+
+    /// Whether `pid`'s next packet should leave `lane`: another sender's large messages
+    /// go there (one within [`BULK_FOR`], or `queued` bytes of the lane still waiting to
+    /// be written), and every packet on the lane that is not that sender's has been
+    /// written (`written` bytes of the lane's stream have).
+    pub fn should_move(
+        &self,
+        lane: usize,
+        pid: &[u8],
+        written: u64,
+        queued: usize,
+        now: Instant,
+    ) -> bool {
+        let (Some(Some(bulk)), Some(&others_end)) =
+            (self.bulk.get(lane), self.others_end.get(lane))
+        else {
+            return false;
+        };
+        bulk.pid != pid
+            && others_end <= written
+            && (now.saturating_duration_since(bulk.at) < BULK_FOR || queued >= BULK_MESSAGE)
+    }
+
+    /// Moves `pid` (whose own lane is `home`) off `from` to the lane with the least
+    /// `queued` of those without a bulk sender now, and returns it with the counts its
+    /// fence there must wait for: `from` up to the last packet not of its bulk sender,
+    /// and whatever `from` owes for forgotten moves. `None` if every other lane has a
+    /// bulk sender, or if [`MAX_MOVED`] senders are moved and none can be forgotten yet.
+    pub fn move_sender(
+        &mut self,
+        home: usize,
+        from: usize,
+        pid: &[u8],
+        queued: &[usize; LANES],
+        written: &[u64; LANES],
+        now: Instant,
+    ) -> Option<(usize, [u64; LANES])> {
+        if from == 0 || from >= LANES || home == 0 || home >= LANES {
+            return None;
+        }
+        let quiet = |lane: usize| match &self.bulk[lane] {
+            Some(bulk) => {
+                now.saturating_duration_since(bulk.at) >= BULK_FOR && queued[lane] < BULK_MESSAGE
+            }
+            None => true,
+        };
+        // From the lane after `from` round, so that ties spread senders out.
+        let to = (1..LANES)
+            .map(|step| 1 + (from - 1 + step) % (LANES - 1))
+            .filter(|&lane| quiet(lane))
+            .min_by_key(|&lane| queued[lane])?;
+        if !self.moved.contains_key(pid)
+            && self.moved.len() >= MAX_MOVED
+            && !self.forget_one(written)
+        {
+            return None;
+        }
+        let mut fence = self.owed[from].unwrap_or([0; LANES]);
+        fence[from] = self.others_upto[from];
+        // What came before on its new lane comes first anyway.
+        fence[to] = 0;
+        if to == home {
+            if self.moved.remove(pid).is_some() {
+                self.moved_from[home] -= 1;
+            }
+        } else if self.moved.insert(pid.to_vec(), (home, to)).is_none() {
+            self.moved_from[home] += 1;
+        }
+        self.moves += 1;
+        Some((to, fence))
+    }
+
+    /// Forgets one moved sender whose packets on its new lane are all written, so that
+    /// its next packet, on its own lane again, can wait for them: the next packet on its
+    /// own lane, whoever's, owes a fence that counts them.
+    fn forget_one(&mut self, written: &[u64; LANES]) -> bool {
+        let forgettable = self.moved.iter().find(|(pid, &(_, lane))| {
+            self.others_end[lane] <= written[lane]
+                && !matches!(&self.bulk[lane], Some(bulk) if bulk.pid == **pid)
+        });
+        let Some((pid, &(home, lane))) = forgettable else {
+            return false;
+        };
+        let pid = pid.clone();
+        self.moved.remove(&pid);
+        self.moved_from[home] -= 1;
+        let owed = self.owed[home].get_or_insert([0; LANES]);
+        owed[lane] = owed[lane].max(self.others_upto[lane]);
+        true
+    }
+
+    /// The fence the next packet on `lane` owes for forgotten moves, if any; it is owed
+    /// once.
+    pub fn take_owed_fence(&mut self, lane: usize) -> Option<[u64; LANES]> {
+        self.owed.get_mut(lane)?.take()
+    }
+
+    /// Records a packet of `pid`'s routed on `lane`, which had `sent_before` packets
+    /// before it; `large` if it is a bulk message ([`BULK_MESSAGE`] or more). The packet
+    /// spans `start..end` of the lane's stream.
+    pub fn routed(
+        &mut self,
+        lane: usize,
+        pid: &[u8],
+        large: bool,
+        sent_before: u64,
+        (start, end): (u64, u64),
+        now: Instant,
+    ) {
+        let (Some(bulk), Some(others_upto), Some(others_end)) = (
+            self.bulk.get_mut(lane),
+            self.others_upto.get_mut(lane),
+            self.others_end.get_mut(lane),
+        ) else {
+            return;
+        };
+        match bulk {
+            Some(current) if current.pid == pid => {
+                if large {
+                    current.at = now;
+                }
+            }
+            _ if large => {
+                // The new bulk sender's earlier packets, and the last one's, become
+                // others' packets: all of them are counted.
+                *others_upto = sent_before;
+                *others_end = start;
+                *bulk = Some(Bulk {
+                    pid: pid.to_vec(),
+                    at: now,
+                });
+            }
+            _ => {
+                *others_upto = sent_before + 1;
+                *others_end = end;
+            }
+        }
+    }
+
+    /// Forgets every move: the link has gone back to lane 0 alone behind a barrier that
+    /// counts every lane, so each sender's own lane is in order behind it again.
+    pub fn forget_moved(&mut self) {
+        self.moved.clear();
+        self.moved_from = [0; LANES];
+        self.owed = [None; LANES];
+    }
+
+    /// How many moves there have been.
+    pub fn moves(&self) -> u64 {
+        self.moves
+    }
 }
 
 /// The size of a barrier marker's body.
@@ -348,6 +589,182 @@ mod tests {
         // share, and lane 0 none.
         assert_eq!(used[0], 0);
         assert!(used[1..].iter().all(|&n| n > 0 && n <= 50), "{used:?}");
+    }
+
+    const ALL_WRITTEN: [u64; LANES] = [u64::MAX; LANES];
+    const NONE_QUEUED: [usize; LANES] = [0; LANES];
+
+    /// Lane 5 carries `bulk`'s large messages (bytes 100..) after one small packet of
+    /// `light`'s (bytes 0..100).
+    fn lane_5_with_a_bulk_sender(light: &[u8], bulk: &[u8], now: Instant) -> Moves {
+        let mut moves = Moves::default();
+        moves.routed(5, light, false, 0, (0, 100), now);
+        moves.routed(5, bulk, true, 1, (100, 70_000), now);
+        moves.routed(5, bulk, true, 2, (70_000, 140_000), now);
+        moves.routed(5, bulk, false, 3, (140_000, 140_100), now);
+        moves
+    }
+
+    fn fence_on(lane: usize, count: u64) -> [u64; LANES] {
+        let mut fence = [0; LANES];
+        fence[lane] = count;
+        fence
+    }
+
+    #[test]
+    fn a_sender_beside_anothers_bulk_moves_behind_a_fence_on_its_own_last_packet() {
+        let (light, bulk, now) = (pid(1), pid(2), Instant::now());
+        let mut moves = lane_5_with_a_bulk_sender(&light, &bulk, now);
+        assert!(moves.should_move(5, &light, 100, 0, now));
+        assert!(
+            !moves.should_move(5, &bulk, 1 << 30, 1 << 30, now),
+            "the bulk sender stays"
+        );
+        let (to, fence) = moves
+            .move_sender(5, 5, &light, &NONE_QUEUED, &ALL_WRITTEN, now)
+            .expect("a quiet lane");
+        // Behind its one packet on lane 5, not behind the bulk after it.
+        assert_eq!(fence, fence_on(5, 1));
+        assert!(to != 5 && to != 0, "to {to}");
+        assert_eq!(moves.lane(5, &light), to);
+        assert_eq!(moves.lane(5, &pid(3)), 5, "others keep their lane");
+        assert_eq!(moves.lane(5, &bulk), 5);
+        assert_eq!(moves.moves(), 1);
+    }
+
+    #[test]
+    fn no_sender_moves_before_what_its_fence_would_count_is_written() {
+        let (light, bulk, now) = (pid(1), pid(2), Instant::now());
+        let moves = lane_5_with_a_bulk_sender(&light, &bulk, now);
+        // Its own packet, bytes 0..100, still (partly) queued.
+        assert!(!moves.should_move(5, &light, 99, 0, now));
+        assert!(moves.should_move(5, &light, 100, 0, now));
+    }
+
+    #[test]
+    fn a_bulk_sender_long_quiet_moves_no_one_unless_its_data_is_still_queued() {
+        let (light, bulk, then) = (pid(1), pid(2), Instant::now());
+        let moves = lane_5_with_a_bulk_sender(&light, &bulk, then);
+        let later = then + BULK_FOR;
+        assert!(!moves.should_move(5, &light, 100, BULK_MESSAGE - 1, later));
+        assert!(moves.should_move(5, &light, 100, BULK_MESSAGE, later));
+        assert!(
+            !moves.should_move(6, &light, 0, 1 << 30, then),
+            "no bulk on lane 6"
+        );
+    }
+
+    #[test]
+    fn a_new_bulk_sender_makes_the_old_ones_packets_count_for_fences() {
+        let (light, bulk, next, now) = (pid(1), pid(2), pid(3), Instant::now());
+        let mut moves = lane_5_with_a_bulk_sender(&light, &bulk, now);
+        moves.routed(5, &next, true, 4, (140_100, 210_000), now);
+        assert!(!moves.should_move(5, &bulk, 140_099, 0, now));
+        assert!(moves.should_move(5, &bulk, 140_100, 0, now));
+        let (_, fence) = moves
+            .move_sender(5, 5, &bulk, &NONE_QUEUED, &ALL_WRITTEN, now)
+            .expect("a quiet lane");
+        assert_eq!(
+            fence,
+            fence_on(5, 4),
+            "all four packets before the new bulk sender's"
+        );
+        // A small packet of someone else's after it counts too.
+        moves.routed(5, &light, false, 5, (210_000, 210_100), now);
+        let (_, fence) = moves
+            .move_sender(5, 5, &light, &NONE_QUEUED, &ALL_WRITTEN, now)
+            .expect("a quiet lane");
+        assert_eq!(fence, fence_on(5, 6));
+    }
+
+    #[test]
+    fn a_sender_moves_to_the_least_queued_lane_without_a_bulk_sender() {
+        let (light, now) = (pid(1), Instant::now());
+        let mut moves = lane_5_with_a_bulk_sender(&light, &pid(2), now);
+        let mut queued = [100; LANES];
+        queued[0] = 0;
+        queued[5] = 0;
+        queued[9] = 0;
+        queued[20] = 10;
+        // Lane 9 is empty but carries a bulk sender's large messages.
+        moves.routed(9, &pid(4), true, 0, (0, 70_000), now);
+        let (to, _) = moves
+            .move_sender(5, 5, &light, &queued, &ALL_WRITTEN, now)
+            .expect("a quiet lane");
+        assert_eq!(to, 20);
+        // Moved again, from its new lane, it keeps one entry under its own lane.
+        moves.routed(20, &pid(5), true, 0, (0, 70_000), now);
+        queued[20] = 100;
+        queued[7] = 0;
+        let (to, _) = moves
+            .move_sender(5, 20, &light, &queued, &ALL_WRITTEN, now)
+            .expect("a quiet lane");
+        assert_eq!((to, moves.lane(5, &light)), (7, 7));
+        // Back to its own lane once that is the quiet one, it is no longer moved.
+        let later = now + BULK_FOR;
+        queued[7] = 100;
+        queued[9] = 100;
+        moves.routed(7, &pid(6), true, 0, (0, 70_000), later);
+        let (to, _) = moves
+            .move_sender(5, 7, &light, &queued, &ALL_WRITTEN, later)
+            .expect("a quiet lane");
+        assert_eq!(to, 5);
+        assert_eq!(moves.moved_from[5], 0);
+        // With every other lane bulky there is nowhere to go.
+        let mut crowded = Moves::default();
+        for lane in 1..LANES {
+            crowded.routed(lane, &pid(100 + lane as u32), true, 0, (0, 70_000), now);
+        }
+        let nowhere = crowded.move_sender(5, 5, &light, &NONE_QUEUED, &ALL_WRITTEN, now);
+        assert_eq!(nowhere, None);
+        let from_0 = crowded.move_sender(0, 0, &light, &NONE_QUEUED, &ALL_WRITTEN, now);
+        assert_eq!(from_0, None);
+    }
+
+    #[test]
+    fn a_forgotten_move_leaves_a_fence_owed_on_the_senders_own_lane() {
+        let now = Instant::now();
+        let mut moves = lane_5_with_a_bulk_sender(&pid(1), &pid(2), now);
+        let mut first = None;
+        for n in 0..MAX_MOVED as u32 {
+            let p = pid(1000 + n);
+            assert!(moves.should_move(5, &p, 100, 0, now));
+            let (to, _) = moves
+                .move_sender(5, 5, &p, &NONE_QUEUED, &ALL_WRITTEN, now)
+                .expect("room");
+            // Each new lane carries the moved sender's packet: 7 packets on it so far.
+            moves.routed(to, &p, false, 6, (0, 700), now);
+            first.get_or_insert(to);
+        }
+        assert_eq!(moves.moved.len(), MAX_MOVED);
+        // Full, with nothing written on the lanes moved to: nobody can be forgotten.
+        let unwritten = [0; LANES];
+        assert_eq!(
+            moves.move_sender(5, 5, &pid(1), &NONE_QUEUED, &unwritten, now),
+            None
+        );
+        assert_eq!(moves.take_owed_fence(5), None);
+        // Once written, one is forgotten for it: the next packet on lane 5 owes a fence
+        // on that one's lane, and so does whoever moves off lane 5.
+        // (Every move went to lane 6, the first quiet lane after 5; this one goes on.)
+        let mut queued = NONE_QUEUED;
+        queued[6] = 1;
+        let (to, fence) = moves
+            .move_sender(5, 5, &pid(1), &queued, &ALL_WRITTEN, now)
+            .expect("room made");
+        assert_eq!(first, Some(6));
+        assert_eq!(moves.moved.len(), MAX_MOVED);
+        let forgotten_lane = (1..LANES)
+            .find(|&l| fence[l] == 7)
+            .expect("a fence on the forgotten sender's lane");
+        assert_eq!(fence[5], 1);
+        assert_eq!((forgotten_lane, to), (6, 7));
+        let owed = moves.take_owed_fence(5).expect("owed on lane 5");
+        assert_eq!(owed[forgotten_lane], 7);
+        assert_eq!(moves.take_owed_fence(5), None, "owed once");
+        moves.forget_moved();
+        assert_eq!(moves.lane(5, &pid(1000)), 5);
+        assert_eq!(moves.moved.len(), 0);
     }
 
     #[test]
