@@ -1181,7 +1181,9 @@ load_ping(B, Size, DurMs, StarveMs, WaitMs, #{warm := Warm, lead_ms := LeadMs}) 
               Sampler = spawn(fun() -> quic_sampler(B, []) end),
               Pings = collect_pings(Pinger, StarveMs, []),
               Quic0 = maps:merge(quic_samples(Sampler, B), ping_splits()),
-              Echo ! {tail_counters, self()},
+              %% From a helper: on a busy link (inet_tls's, starved) the send suspends
+              %% its sender, and this process must go on to stop the bulk.
+              spawn(fun() -> Echo ! {tail_counters, Self} end),
               Quic = receive
                          {Echo, tail_counters, EchoSide} ->
                              maps:merge(Quic0, maps:from_list(
