@@ -1703,7 +1703,8 @@ fn route(
                     }
                     let from = state.moves.lane(home, &pid);
                     let mut lane = from;
-                    let mut counts = [0u64; LANES];
+                    // The fence this packet goes behind, if any (most go behind none).
+                    let mut fence: Option<[u64; LANES]> = None;
                     // Only the VM's own packets move: the filter's answers follow the
                     // moves the VM's packets made.
                     if from_vm
@@ -1717,26 +1718,27 @@ fn route(
                     {
                         let queued = std::array::from_fn(|l| state.queued[l] + split.bytes[l]);
                         let written = std::array::from_fn(|l| state.written(l));
-                        if let Some((to, fence)) = state
+                        if let Some((to, counts)) = state
                             .moves
                             .move_sender(home, from, &pid, &queued, &written, now)
                         {
                             lane = to;
-                            counts = fence;
+                            fence = Some(counts);
                             // If it was paused on the lane it left, it stays paused until
                             // that lane drains: the new lane may never be written by its
                             // writer (sends write in place) to resume it.
                         }
                     }
                     if let Some(owed) = state.moves.take_owed_fence(lane) {
+                        let counts = fence.get_or_insert([0; LANES]);
                         for (count, owed) in counts.iter_mut().zip(owed) {
                             *count = (*count).max(owed);
                         }
                     }
                     if std::mem::take(&mut state.fenced[lane]) {
-                        counts[0] = state.fence_upto;
+                        fence.get_or_insert([0; LANES])[0] = state.fence_upto;
                     }
-                    if counts.iter().any(|&n| n > 0) {
+                    if let Some(counts) = fence.filter(|counts| counts.iter().any(|&n| n > 0)) {
                         split.put_owned(lane, barrier_marker(&counts));
                     }
                     let start = state.routed_bytes[lane] + split.bytes[lane] as u64;

@@ -363,7 +363,9 @@ impl Moves {
     /// The fence the next packet on `lane` owes for forgotten moves, if any; it is owed
     /// once.
     pub fn take_owed_fence(&mut self, lane: usize) -> Option<[u64; LANES]> {
-        self.owed.get_mut(lane)?.take()
+        // Looked at for every packet: only an owed fence is moved out.
+        let slot = self.owed.get_mut(lane)?;
+        slot.is_some().then(|| slot.take()).flatten()
     }
 
     /// Records a packet of `pid`'s routed on `lane`, which had `sent_before` packets
